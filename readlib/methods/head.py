@@ -1,0 +1,25 @@
+"""The task head shared by every method on the encoder path.
+
+READ and its baselines are evaluated text-to-text on T5 in the paper; on an encoder we need a head.
+Every method gets the same one so that only the adaptation differs: masked mean pooling over the
+(corrected) last hidden state — MiniLM was trained with mean pooling and T5 has no [CLS] token —
+then dropout and one linear layer (one output for regression).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MeanPoolHead(nn.Module):
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden [batch, tokens, d], attention_mask [batch, tokens] -> logits [batch, num_labels]."""
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.out(self.dropout(pooled))

@@ -1,0 +1,117 @@
+"""Run parameters: one dataclass, filled from a YAML profile (params/<profile>.yaml) plus overrides.
+
+Everything a run needs is validated here, before any data or model is loaded, so bad input fails in
+milliseconds with a one-line message that names the bad value and the allowed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from readlib.errors import ConfigError
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "params"
+PROFILES = ("quick", "default", "paper")
+
+
+@dataclass
+class RunParams:
+    """One training run. Sizes are in examples, lengths in tokens, learning rates per step."""
+
+    task: str = "mrpc"
+    method: str = "read"
+    backbone: str = "minilm"
+    lr: float | None = None  # None: the method's DEFAULT_LR
+    max_epochs: int = 30
+    patience: int = 1  # epochs without validation improvement before stopping
+    batch_size: int = 96  # total batch per optimizer step (READ Appendix C.2: 96)
+    micro_batch_size: int = 32  # examples per forward pass; batch_size / micro = accumulation steps
+    max_length: int = 128
+    weight_decay: float = 0.0
+    seed: int = 0
+    split_seed: int = 42  # fixes the paper split; the same for every run of a task
+    max_train: int | None = None  # subsample the training split (None: all of it)
+    max_eval: int | None = None  # subsample validation and test (None: all of them)
+    data_dir: str | None = None
+    device: str = "auto"
+    profile: str = "default"
+    method_args: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> RunParams:
+        """Check every field that can be checked without loading data or models; return self."""
+        from readlib import backbones, data, methods
+
+        data.get_task(self.task)
+        methods.make_config(self.method, self.method_args)
+        backbones.check_name(self.backbone)
+        if self.lr is not None and not (0 < self.lr < 1):
+            raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
+        for name in ("max_epochs", "batch_size", "micro_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+        for name in ("max_train", "max_eval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or null (no subsampling), got {value}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"unknown device '{self.device}'; choose one of: auto, cpu, cuda, cuda:N")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate actually used: the given one, else the method's default."""
+        from readlib import methods
+
+        return self.lr if self.lr is not None else methods.get_method(self.method).DEFAULT_LR
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunParams)}
+
+
+def load_profile(profile: str) -> dict[str, Any]:
+    """Read params/<profile>.yaml as a dict of RunParams fields."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
+    values = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text()) or {}
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"params/{profile}.yaml: unknown field(s) {unknown}; allowed: {sorted(FIELDS)}")
+    return values
+
+
+def make_params(profile: str = "default", **overrides: Any) -> RunParams:
+    """Profile values, then overrides (None means "keep the profile's value"), validated.
+
+    Override keys that are not RunParams fields are method hyperparameters (e.g. ``rnn="gru"``);
+    the method's own config checks them.
+    """
+    values = load_profile(profile)
+    method_args = dict(values.pop("method_args", None) or {})
+    for key, value in overrides.items():
+        if key == "method_args":
+            method_args.update(value or {})
+        elif key in FIELDS:
+            if value is not None:
+                values[key] = value
+        elif value is not None:
+            method_args[key] = value
+    from readlib import methods
+
+    method = values.get("method", RunParams.method)
+    allowed = [f.name for f in dataclasses.fields(methods.get_method(method).Config)]
+    for key in method_args:
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown parameter '{key}'; run parameters: {', '.join(n for n in FIELDS if n != 'method_args')}; "
+                f"'{method}' parameters: {', '.join(allowed) or 'none'}"
+            )
+    return RunParams(**values, profile=profile, method_args=method_args).validate()

@@ -1,0 +1,212 @@
+"""Training and evaluation of one run (READ Section 3.3): AdamW at a constant learning rate, a total
+batch reached by gradient accumulation, early stopping on the validation score, and the best
+validation checkpoint evaluated once on the test split. Returns one result record that says how it
+was produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import platform
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import readlib
+from readlib import backbones, data, methods
+from readlib.metrics import compute_metrics, majority_baseline
+from readlib.params import RunParams
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    """HEAD of the readlib checkout, with '-dirty' when tracked files changed; 'unknown' outside git."""
+    try:
+        run = dict(cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+class Encoded:
+    """A tokenized split: token id lists plus a label tensor; ``batch(idx)`` pads on the fly."""
+
+    def __init__(self, dataset, tokenizer, task: data.TaskSpec, max_length: int):
+        texts = [list(dataset[name]) for name in task.text_fields]
+        enc = tokenizer(*texts, truncation=True, max_length=max_length)
+        self.input_ids = enc["input_ids"]
+        self.token_type_ids = enc.get("token_type_ids")
+        self.pad_id = tokenizer.pad_token_id or 0
+        dtype = torch.float32 if task.is_regression else torch.long
+        self.labels = torch.tensor(list(dataset["label"]), dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, idx: torch.Tensor | list[int], device: torch.device) -> tuple[dict, torch.Tensor]:
+        idx = [int(i) for i in idx]
+        width = max(len(self.input_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        types = torch.zeros((len(idx), width), dtype=torch.long) if self.token_type_ids else None
+        for row, i in enumerate(idx):
+            n = len(self.input_ids[i])
+            ids[row, :n] = torch.tensor(self.input_ids[i])
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = torch.tensor(self.token_type_ids[i])
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if types is not None:
+            inputs["token_type_ids"] = types.to(device)
+        return inputs, self.labels[idx].to(device)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Mean squared error on the single output for STS-B, cross-entropy otherwise."""
+    if regression:
+        return nn.functional.mse_loss(logits.squeeze(-1), labels)
+    return nn.functional.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.device, regression: bool):
+    """Predictions for a whole split, in order: class ids, or scores for regression."""
+    model.eval()
+    out = []
+    for start in range(0, len(split), batch_size):
+        inputs, _ = split.batch(range(start, min(start + batch_size, len(split))), device)
+        logits = model(**inputs).float()
+        out.append(logits.squeeze(-1) if regression else logits.argmax(-1))
+    return torch.cat(out).cpu().numpy()
+
+
+def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train and evaluate one run; return its result record (see README "Result record")."""
+    start = time.time()
+    params.validate()
+    task = data.get_task(params.task)
+    splits, data_info = data.load_task(
+        params.task, params.data_dir, params.split_seed, params.max_train, params.max_eval
+    )  # data problems surface here, before any model is loaded
+    set_seed(params.seed)
+    device = resolve_device(params.device)
+    backbone = backbones.load(params.backbone, seed=params.seed)
+    model = methods.build(params.method, backbone, task.num_labels, params.method_args).to(device)
+    trainable, total = methods.count_parameters(model)
+    encoded = {name: Encoded(ds, backbone.tokenizer, task, params.max_length) for name, ds in splits.items()}
+    train, eval_batch = encoded["train"], 2 * params.micro_batch_size
+
+    lr = params.learning_rate
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=params.weight_decay
+    )
+    order = torch.Generator().manual_seed(params.seed)
+    history: list[dict] = []
+    best_score, best_state, best_val, bad_epochs, status = -math.inf, None, None, 0, "ok"
+    epochs = tqdm(range(1, params.max_epochs + 1), desc=f"{params.method} on {params.task}", disable=not progress)
+    for epoch in epochs:
+        model.train()
+        epoch_start, losses = time.time(), []
+        perm = torch.randperm(len(train), generator=order)
+        steps = perm.split(params.batch_size)
+        for step in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in step.split(params.micro_batch_size):
+                inputs, labels = train.batch(micro, device)
+                loss = task_loss(model(**inputs), labels, task.is_regression) * (len(micro) / len(step))
+                loss.backward()
+                step_loss += loss.item()
+            if not math.isfinite(step_loss):
+                status = f"stopped: non-finite training loss at epoch {epoch}"
+                break
+            optimizer.step()
+            losses.append(step_loss)
+        if status != "ok":
+            break
+        val_pred = predict(model, encoded["validation"], eval_batch, device, task.is_regression)
+        val = compute_metrics(params.task, val_pred, encoded["validation"].labels.numpy())
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_score": val["score"],
+               "seconds": time.time() - epoch_start}
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        epochs.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val['score']:.4f}")
+        if val["score"] > best_score:
+            best_score, best_val, bad_epochs = val["score"], val, 0
+            best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= params.patience:
+                break
+
+    test = None
+    if best_state is not None:  # evaluate the best validation checkpoint on test
+        model.load_state_dict(best_state, strict=False)
+        test_pred = predict(model, encoded["test"], eval_batch, device, task.is_regression)
+        test = compute_metrics(params.task, test_pred, encoded["test"].labels.numpy())
+    baseline = majority_baseline(params.task, train.labels.numpy(), encoded["test"].labels.numpy())
+    return {
+        "task": params.task,
+        "method": params.method,
+        "method_args": dataclasses.asdict(methods.make_config(params.method, params.method_args)),
+        "lr": lr,
+        "seed": params.seed,
+        "validation": best_val,
+        "test": test,
+        "majority_baseline_test": baseline,
+        "epochs_run": len(history),
+        "best_epoch": max(history, key=lambda r: r["val_score"])["epoch"] if history else None,
+        "history": history,
+        "status": status,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100.0 * trainable / total,
+        "wall_time_s": time.time() - start,
+        "device": device_description(device),
+        "profile": params.profile,
+        "backbone": params.backbone,
+        "backbone_source": backbone.source,
+        "backbone_pretrained": backbone.pretrained,
+        "data": data_info,
+        "batch_size": params.batch_size,
+        "micro_batch_size": params.micro_batch_size,
+        "max_length": params.max_length,
+        "max_epochs": params.max_epochs,
+        "patience": params.patience,
+        "weight_decay": params.weight_decay,
+        "git_commit": git_commit(),
+        "readlib_version": readlib.__version__,
+        "torch_version": torch.__version__,
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
