@@ -74,8 +74,8 @@ def splits(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m readlib splits",
                                      description="Split sizes of the paper recipe next to READ Table 5.")
-    parser.add_argument("--data_dir", default=None)
-    print(split_table(parser.parse_args(argv).data_dir).to_string(index=False))
+    parser.parse_args(argv)
+    print(split_table().to_string(index=False))
     return 0
 
 

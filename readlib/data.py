@@ -136,9 +136,12 @@ def check_available(task: str, data_dir: str | Path | None = None) -> str:
 def load_raw(task: str, data_dir: str | Path | None = None) -> datasets.DatasetDict:
     """The task's original GLUE splits, keyed by hub split name, with text fields, label, idx."""
     spec = get_task(task)
+    columns = [*spec.text_fields, "label", "idx"]
     files = local_files(spec.name, data_dir)
     if files is not None:
-        raw = datasets.load_dataset("parquet", data_files={s: str(f) for s, f in files.items()})
+        # columns= also lets a user's files carry extra columns
+        raw = datasets.load_dataset("parquet", data_files={s: str(f) for s, f in files.items()},
+                                    columns=columns)
     else:
         try:
             raw = datasets.load_dataset(HUB_DATASET, spec.name)
@@ -146,7 +149,6 @@ def load_raw(task: str, data_dir: str | Path | None = None) -> datasets.DatasetD
             first_line = (str(e).strip().splitlines() or [""])[0]
             reason = f"loading {HUB_DATASET} from the hub failed ({type(e).__name__}: {first_line})"
             raise DataNotFoundError(_not_found(spec, data_dir, reason)) from e
-    columns = [*spec.text_fields, "label", "idx"]
     return datasets.DatasetDict({s: raw[s].select_columns(columns) for s in spec.hub_splits})
 
 
