@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 import readlib
 from readlib import backbones, data, methods
@@ -133,7 +133,9 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
     order = torch.Generator().manual_seed(params.seed)
     history: list[dict] = []
     best_score, best_state, best_val, bad_epochs, status = -math.inf, None, None, 0, "ok"
-    epochs = tqdm(range(1, params.max_epochs + 1), desc=f"{params.method} on {params.task}", disable=not progress)
+    epochs = tqdm(
+        range(1, params.max_epochs + 1), desc=f"{params.method} on {params.task}", disable=not progress
+    )
     for epoch in epochs:
         model.train()
         epoch_start, losses = time.time(), []
@@ -175,7 +177,8 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         model.load_state_dict(best_state, strict=False)
         test_pred = predict(model, encoded["test"], eval_batch, device, task.is_regression)
         test = compute_metrics(params.task, test_pred, encoded["test"].labels.numpy())
-    baseline = majority_baseline(params.task, train.labels.numpy(), encoded["test"].labels.numpy())
+    baseline = {name: majority_baseline(params.task, train.labels.numpy(), encoded[name].labels.numpy())
+                for name in ("validation", "test")}
     return {
         "task": params.task,
         "method": params.method,
@@ -184,7 +187,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         "seed": params.seed,
         "validation": best_val,
         "test": test,
-        "majority_baseline_test": baseline,
+        "majority_baseline": baseline,
         "epochs_run": len(history),
         "best_epoch": max(history, key=lambda r: r["val_score"])["epoch"] if history else None,
         "history": history,

@@ -1,0 +1,35 @@
+# The two commands:  make reproduce  (every notebook, default profile, results under outputs/)
+#                    make test       (pytest + nbval on the notebooks' quick defaults)
+PYTHON ?= python3
+VENV ?= .venv
+PROFILE ?= default
+BIN := $(VENV)/bin
+NOTEBOOKS := $(wildcard notebooks/[0-9]*.ipynb)
+
+.PHONY: setup reproduce test lint clean
+
+# torch first and pinned: a looser spec (or letting a dependency pull it) fetches a multi-GB CUDA build.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+setup: $(BIN)/.installed
+
+reproduce: setup
+	mkdir -p outputs/notebooks
+	for nb in $(NOTEBOOKS); do \
+		$(BIN)/papermill $$nb outputs/notebooks/$$(basename $$nb) -p profile $(PROFILE) --cwd notebooks || exit 1; \
+	done
+
+test: setup
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --nbval-lax notebooks
+
+lint: setup
+	$(BIN)/ruff check readlib tests bench
+
+clean:
+	rm -rf outputs
