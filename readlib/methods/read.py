@@ -40,7 +40,7 @@ from torch import nn
 from readlib.methods.head import MeanPoolHead
 
 DEFAULT_LR = 1e-3
-CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 
 
 @dataclass
@@ -60,18 +60,71 @@ class Config:
             raise ConfigError(f"read.dropout must be in [0, 1), got {self.dropout}")
 
 
+def _cell_step(kind: str, x: torch.Tensor, state: torch.Tensor, weights, hidden: int) -> torch.Tensor:
+    """One step of the cell; an LSTM state is [h, c] concatenated on the last axis."""
+    if kind == "lstm":
+        h, c = torch.lstm_cell(x, (state[..., :hidden], state[..., hidden:]), *weights)
+        return torch.cat([h, c], -1)
+    return (torch.gru_cell if kind == "gru" else torch.rnn_tanh_cell)(x, state, *weights)
+
+
+class LayerRecurrence(torch.autograd.Function):
+    """h_N of the recurrence s_i = cell(φ_i, s_{i-1}), s_0 = 0, over the layer axis.
+
+    Stores for backward only φ (already held by READ) and the states s_0..s_N; each step's gate
+    activations are recomputed in backward, one step at a time. PyTorch's fused nn.GRU on CPU
+    instead keeps every gate of every step: 3.4x more bytes for GRU/256 on a MiniLM batch, and
+    8x for an LSTM (measured by ``bench/read_vs_full.py`` and tests/test_methods.py).
+    """
+
+    @staticmethod
+    def forward(ctx, kind: str, hidden: int, phi: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        width = 2 * hidden if kind == "lstm" else hidden
+        states = phi.new_zeros(phi.shape[0] + 1, phi.shape[1], width)
+        for i in range(phi.shape[0]):
+            states[i + 1] = _cell_step(kind, phi[i], states[i], weights, hidden)
+        ctx.kind, ctx.hidden = kind, hidden
+        ctx.save_for_backward(phi, states, *weights)
+        return states[-1, :, :hidden].clone()
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        phi, states, *weights = ctx.saved_tensors
+        want_phi = ctx.needs_input_grad[2]
+        grad_state = torch.zeros_like(states[0])
+        grad_state[:, : ctx.hidden] = grad_h
+        grad_weights = [torch.zeros_like(w) for w in weights]
+        grad_phi = torch.zeros_like(phi) if want_phi else None
+        for i in reversed(range(phi.shape[0])):
+            with torch.enable_grad():
+                x = phi[i].detach().requires_grad_(want_phi)
+                s = states[i].detach().requires_grad_()
+                w = [t.detach().requires_grad_() for t in weights]
+                out = _cell_step(ctx.kind, x, s, w, ctx.hidden)
+                grads = torch.autograd.grad(out, [s, *w] + ([x] if want_phi else []), grad_state)
+            grad_state = grads[0]
+            for total, g in zip(grad_weights, grads[1 : 1 + len(w)], strict=True):
+                total += g
+            if want_phi:
+                grad_phi[i] = grads[-1]
+        return None, None, grad_phi, *grad_weights
+
+
 class READSideNetwork(nn.Module):
     """N^E and W_o: maps stacked layer states φ_1..φ_N [N, tokens, d] to corrections [tokens, d]."""
 
     def __init__(self, d_model: int, config: Config):
         super().__init__()
-        self.rnn = CELLS[config.rnn](input_size=d_model, hidden_size=config.hidden)
+        self.kind, self.hidden = config.rnn, config.hidden
+        self.cell = CELLS[config.rnn](d_model, config.hidden)  # holds N^E's weights, PyTorch's init
         self.up = nn.Linear(config.hidden, d_model, bias=False)  # W_o
         nn.init.zeros_(self.up.weight)
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(phi)  # the layer axis is the RNN's time axis; h_0 = 0 by default
-        return self.up(out[-1])  # W_o h_N
+        cell = self.cell
+        weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        h_last = LayerRecurrence.apply(self.kind, self.hidden, phi, *weights)  # h_N, with h_0 = 0
+        return self.up(h_last)  # W_o h_N
 
 
 class READ(nn.Module):

