@@ -27,6 +27,10 @@ def _train_parser() -> argparse.ArgumentParser:
         prog="python -m readlib train", description="Train and evaluate one run.", allow_abbrev=False
     )
     hints = typing.get_type_hints(RunParams)
+    def error(message: str) -> None:  # one line, exit code 2 (via main), like every other bad input
+        raise ConfigError(message)
+
+    parser.error = error
     for name in FIELDS:
         if name == "method_args":
             continue

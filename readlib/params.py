@@ -7,6 +7,7 @@ milliseconds with a one-line message that names the bad value and the allowed on
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ class RunParams:
         """Check every field that can be checked without loading data or models; return self."""
         from readlib import backbones, data, methods
 
+        hints = typing.get_type_hints(RunParams)
+        for name in FIELDS:
+            value = getattr(self, name)
+            kinds = [k for k in typing.get_args(hints[name]) or (hints[name],) if k is not type(None)]
+            if value is not None and name != "method_args":
+                setattr(self, name, methods.coerce(name, value, kinds[0]))
         data.get_task(self.task)
         methods.make_config(self.method, self.method_args)
         backbones.check_name(self.backbone)
@@ -64,6 +71,11 @@ class RunParams:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"unknown device '{self.device}'; choose one of: auto, cpu, cuda, cuda:N")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device '{self.device}' requested but no CUDA GPU is visible; use auto or cpu")
         return self
 
     @property

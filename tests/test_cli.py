@@ -42,7 +42,7 @@ def test_bad_input_exits_2_fast_with_one_line(args, needles):
     assert seconds < 20 and "Loading weights" not in proc.stderr  # no model was loaded
 
 
-@pytest.mark.xfail(strict=True, reason="argparse type errors print the multi-line usage, not one line")
+
 def test_unparsable_number_is_one_line():
     proc, _ = cli("train", "--task", "rte", "--lr", "abc")
     assert proc.returncode == 2

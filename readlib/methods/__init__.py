@@ -27,6 +27,20 @@ def get_method(name: str) -> types.ModuleType:
     return METHODS[name]
 
 
+def coerce(label: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` (strings from the CLI are parsed; ints are accepted for floats)."""
+    if isinstance(value, str) and kind is not str:
+        try:
+            value = kind(value)
+        except ValueError as err:
+            raise ConfigError(f"{label} must be a {kind.__name__}, got '{value}'") from err
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{label} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
 def make_config(name: str, args: dict[str, Any] | None = None):
     """The method's Config from ``args`` (strings from the CLI are converted to the field's type)."""
     config_cls = get_method(name).Config
@@ -36,13 +50,7 @@ def make_config(name: str, args: dict[str, Any] | None = None):
         if key not in fields:
             allowed = ", ".join(fields) or "none"
             raise ConfigError(f"unknown hyperparameter '{key}' for method '{name}'; allowed: {allowed}")
-        default = fields[key].default
-        if isinstance(value, str) and not isinstance(default, str):
-            try:
-                value = type(default)(value)
-            except ValueError as err:
-                raise ConfigError(f"{name}.{key} must be a {type(default).__name__}, got '{value}'") from err
-        values[key] = value
+        values[key] = coerce(f"{name}.{key}", value, type(fields[key].default))
     config = config_cls(**values)
     config.validate()
     return config
