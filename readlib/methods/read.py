@@ -142,10 +142,10 @@ class READ(nn.Module):
 
     def layer_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """φ_1..φ_N of the non-padding tokens, [N, tokens, d], computed without gradient."""
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all inside the backbone
             states = self.backbone.hidden_states(input_ids, attention_mask, token_type_ids)
         keep = attention_mask.bool()
-        return torch.stack([phi[keep] for phi in states[1:]])
+        return torch.stack([phi[keep] for phi in states[1:]])  # a normal tensor: may be saved for backward
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         phi = self.layer_states(input_ids, attention_mask, token_type_ids)
