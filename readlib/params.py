@@ -33,6 +33,7 @@ class RunParams:
     batch_size: int = 96  # total batch per optimizer step (READ Appendix C.2: 96)
     micro_batch_size: int = 32  # examples per forward pass; batch_size / micro = accumulation steps
     max_length: int = 128
+    text_to_text: bool | None = None  # None: text-to-text for T5 backbones, a classification head otherwise
     weight_decay: float = 0.0
     seed: int = 0
     split_seed: int = 42  # fixes the paper split; the same for every run of a task

@@ -59,16 +59,30 @@ def git_commit() -> str:
 
 
 class Encoded:
-    """A tokenized split: token id lists plus a label tensor; ``batch(idx)`` pads on the fly."""
+    """A tokenized split: token id lists plus a label tensor; ``batch(idx)`` pads on the fly.
 
-    def __init__(self, dataset, tokenizer, task: data.TaskSpec, max_length: int):
-        texts = [list(dataset[name]) for name in task.text_fields]
-        enc = tokenizer(*texts, truncation=True, max_length=max_length)
-        self.input_ids = enc["input_ids"]
-        self.token_type_ids = enc.get("token_type_ids")
+    With ``eos_id`` given, the split is text-to-text (T5): sources are ``data.t5_source`` strings and
+    each example also has target ids (``data.t5_target`` + end-of-sequence); ``batch`` then returns
+    ``decoder_input_ids`` (targets shifted right behind the pad id, T5's decoder start) and token
+    labels with -100 on padding.
+    """
+
+    def __init__(self, dataset, tokenizer, task: data.TaskSpec, max_length: int, eos_id: int | None = None):
         self.pad_id = tokenizer.pad_token_id or 0
+        self.text_to_text = eos_id is not None
         dtype = torch.float32 if task.is_regression else torch.long
         self.labels = torch.tensor(list(dataset["label"]), dtype=dtype)
+        self.targets = None
+        if self.text_to_text:
+            sources = [data.t5_source(task, row) for row in dataset]
+            enc = tokenizer(sources, truncation=True, max_length=max_length)
+            targets = [data.t5_target(task, label) for label in self.labels.tolist()]
+            self.targets = [ids + [eos_id] for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
+        else:
+            enc = tokenizer(*[list(dataset[name]) for name in task.text_fields], truncation=True,
+                            max_length=max_length)
+        self.input_ids = enc["input_ids"]
+        self.token_type_ids = None if self.text_to_text else enc.get("token_type_ids")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -88,26 +102,70 @@ class Encoded:
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if types is not None:
             inputs["token_type_ids"] = types.to(device)
-        return inputs, self.labels[idx].to(device)
+        if not self.text_to_text:
+            return inputs, self.labels[idx].to(device)
+        width = max(len(self.targets[i]) for i in idx)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            labels[row, : len(self.targets[i])] = torch.tensor(self.targets[i])
+        decoder_input_ids = torch.cat([torch.full((len(idx), 1), self.pad_id), labels[:, :-1]], 1)
+        inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, self.pad_id).to(device)
+        return inputs, labels.to(device)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    """Mean squared error on the single output for STS-B, cross-entropy otherwise."""
+    """Token cross-entropy for text-to-text (3-d logits), else MSE for STS-B and cross-entropy."""
+    if logits.dim() == 3:
+        return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     if regression:
         return nn.functional.mse_loss(logits.squeeze(-1), labels)
     return nn.functional.cross_entropy(logits, labels)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.device, regression: bool):
-    """Predictions for a whole split, in order: class ids, or scores for regression."""
+def greedy_decode(model: nn.Module, inputs: dict, start_id: int, steps: int) -> torch.Tensor:
+    """Greedy generation of ``steps`` tokens with any seq2seq method (the model sees the whole prefix)."""
+    inputs = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+    decoded = torch.full((inputs["input_ids"].shape[0], 1), start_id, device=inputs["input_ids"].device)
+    for _ in range(steps):
+        next_ids = model(**inputs, decoder_input_ids=decoded)[:, -1].argmax(-1, keepdim=True)
+        decoded = torch.cat([decoded, next_ids], 1)
+    return decoded[:, 1:]
+
+
+def parse_generated(task: data.TaskSpec, tokenizer, ids: torch.Tensor, eos_id: int, references) -> np.ndarray:
+    """Labels of generated targets (cut at end-of-sequence). A string that is no valid target counts
+    as wrong, as in T5's GLUE evaluation: another class than the reference, or 0.0 for STS-B."""
+    out = []
+    for row, ref in zip(ids.tolist(), references, strict=True):
+        row = row[: row.index(eos_id)] if eos_id in row else row
+        label = data.t5_label(task, tokenizer.decode(row, skip_special_tokens=True))
+        if label is None:
+            label = 0.0 if task.is_regression else (int(ref) + 1) % task.num_labels
+        out.append(label)
+    return np.array(out)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.device, task: data.TaskSpec,
+            tokenizer=None, eos_id: int | None = None):
+    """Predictions for a whole split, in order: class ids, or scores for regression.
+
+    Text-to-text splits are decoded greedily for as many tokens as their longest target has.
+    """
     model.eval()
     out = []
+    steps = max(map(len, split.targets)) if split.text_to_text else 0
     for start in range(0, len(split), batch_size):
-        inputs, _ = split.batch(range(start, min(start + batch_size, len(split))), device)
+        idx = range(start, min(start + batch_size, len(split)))
+        inputs, _ = split.batch(idx, device)
+        if split.text_to_text:
+            ids = greedy_decode(model, inputs, split.pad_id, steps).cpu()
+            out.append(parse_generated(task, tokenizer, ids, eos_id, split.labels[list(idx)].tolist()))
+            continue
         logits = model(**inputs).float()
-        out.append(logits.squeeze(-1) if regression else logits.argmax(-1))
-    return torch.cat(out).cpu().numpy()
+        out.append((logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().numpy())
+    return np.concatenate(out)
 
 
 def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> dict:
@@ -120,10 +178,15 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
     )  # data problems surface here, before any model is loaded
     set_seed(params.seed)
     device = resolve_device(params.device)
-    backbone = backbones.load(params.backbone, seed=params.seed)
+    backbone = backbones.load(params.backbone, seed=params.seed, text_to_text=params.text_to_text)
     model = methods.build(params.method, backbone, task.num_labels, params.method_args).to(device)
     trainable, total = methods.count_parameters(model)
-    encoded = {name: Encoded(ds, backbone.tokenizer, task, params.max_length) for name, ds in splits.items()}
+    eos_id = backbone.eos_id if backbone.kind == "seq2seq" else None
+    encoded = {name: Encoded(ds, backbone.tokenizer, task, params.max_length, eos_id) for name, ds in splits.items()}
+
+    def predictions(split: str):
+        return predict(model, encoded[split], eval_batch, device, task, backbone.tokenizer, eos_id)
+
     train, eval_batch = encoded["train"], 2 * params.micro_batch_size
 
     lr = params.learning_rate
@@ -156,7 +219,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
             losses.append(step_loss)
         if status != "ok":
             break
-        val_pred = predict(model, encoded["validation"], eval_batch, device, task.is_regression)
+        val_pred = predictions("validation")
         val = compute_metrics(params.task, val_pred, encoded["validation"].labels.numpy())
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_score": val["score"],
                "seconds": time.time() - epoch_start}
@@ -175,7 +238,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
     test = None
     if best_state is not None:  # evaluate the best validation checkpoint on test
         model.load_state_dict(best_state, strict=False)
-        test_pred = predict(model, encoded["test"], eval_batch, device, task.is_regression)
+        test_pred = predictions("test")
         test = compute_metrics(params.task, test_pred, encoded["test"].labels.numpy())
     baseline = {name: majority_baseline(params.task, train.labels.numpy(), encoded[name].labels.numpy())
                 for name in ("validation", "test")}
@@ -201,6 +264,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         "backbone": params.backbone,
         "backbone_source": backbone.source,
         "backbone_pretrained": backbone.pretrained,
+        "formulation": "text-to-text" if eos_id is not None else "classification",
         "data": data_info,
         "batch_size": params.batch_size,
         "micro_batch_size": params.micro_batch_size,

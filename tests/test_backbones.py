@@ -57,7 +57,7 @@ def test_minilm_hidden_states(minilm):
 
 
 def test_random_t5_tiny():
-    bb = backbones.load("random-t5-tiny")
+    bb = backbones.load("random-t5-tiny", text_to_text=False)
     assert isinstance(bb.model, T5EncoderModel)
     assert (bb.hidden_size, bb.num_layers) == (64, 2)
     assert bb.model.config.d_model == 64 and bb.model.config.num_layers == 2
@@ -73,7 +73,7 @@ def test_random_t5_tiny():
 
 
 def test_random_t5_override():
-    bb = backbones.load("random-t5-tiny:num_layers=3,d_ff=32")
+    bb = backbones.load("random-t5-tiny:num_layers=3,d_ff=32", text_to_text=False)
     assert bb.num_layers == 3 and len(bb.model.encoder.block) == 3
     assert bb.model.config.d_ff == 32
     enc = encode(bb)
@@ -82,8 +82,8 @@ def test_random_t5_override():
 
 
 def test_random_t5_seed_fixes_weights_and_spares_global_rng():
-    a, b = backbones.load("random-t5-tiny", seed=0), backbones.load("random-t5-tiny", seed=0)
-    c = backbones.load("random-t5-tiny", seed=1)
+    a, b = (backbones.load("random-t5-tiny", seed=0, text_to_text=False) for _ in range(2))
+    c = backbones.load("random-t5-tiny", seed=1, text_to_text=False)
     wa, wb, wc = (x.model.shared.weight for x in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     torch.manual_seed(5)

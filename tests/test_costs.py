@@ -138,7 +138,7 @@ def test_read_bytes_do_not_depend_on_backbone_activations(cell, width):
     mask[1, 7:] = 0  # 12 + 7 = 19 real tokens
     read_b, full_b = {}, {}
     for layers in (2, 6):
-        bb = backbones.load(f"random-t5-tiny:num_layers={layers}")
+        bb = backbones.load(f"random-t5-tiny:num_layers={layers}", text_to_text=False)
         read = methods.build("read", bb, 2, {"rnn": cell, "hidden": 16}).eval()
         read_b[layers] = saved(lambda: read(ids, mask), read)  # noqa: B023
         assert read_b[layers] == read_bytes_by_hand(layers, 19, 64, 16, width, 2, 12)

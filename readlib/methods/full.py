@@ -1,4 +1,4 @@
-"""Full fine-tuning: every backbone weight and the head are trained (READ Table 1 "Full-tuning")."""
+"""Full fine-tuning: every backbone weight (and the head, on the encoder path) is trained (READ Table 1)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ DEFAULT_LR = 5e-5
 
 @dataclass
 class Config:
-    dropout: float = 0.1  # head dropout
+    dropout: float = 0.1  # head dropout (encoder path)
 
     def validate(self) -> None:
         from readlib.errors import ConfigError
@@ -35,5 +35,18 @@ class FullFineTune(nn.Module):
         return self.head(hidden, attention_mask)
 
 
-def build(backbone, num_labels: int, config: Config) -> FullFineTune:
+class FullFineTuneSeq2Seq(nn.Module):
+    """Text-to-text: the whole T5 trained on target strings; returns LM logits [batch, n, vocab]."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.t5 = backbone.model.requires_grad_(True)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+
+
+def build(backbone, num_labels: int, config: Config) -> nn.Module:
+    if backbone.kind == "seq2seq":
+        return FullFineTuneSeq2Seq(backbone)
     return FullFineTune(backbone, num_labels, config)

@@ -1,32 +1,50 @@
-"""READ: REcurrent ADaptation (Wang et al. 2023, arXiv 2305.15348), encoder part.
+"""READ: REcurrent ADaptation (Wang et al. 2023, arXiv 2305.15348), Algorithm 1.
 
-Written here because no maintained library implements READ. The frozen backbone T runs once with
-no gradient and exposes its per-layer hidden states φ_1..φ_N (Algorithm 1, first line). A small RNN
-N^E with weights shared across layers walks the *layer* axis, one independent sequence per token α:
+Written here because no maintained library implements READ. The frozen backbone T runs once
+without gradient (``torch.inference_mode``) and hands over what Algorithm 1 caches: per-layer
+hidden states φ and, for the decoder, cross-attention scores σ. Small RNNs whose weights are shared
+across layers walk the *layer* axis, one independent sequence per token α.
 
-    h_0^α = 0                                   ("embeddings need no corrections")
-    h_i^α = N^E(φ_i^α, h_{i-1}^α),  i = 1..N    (Algorithm 1, encoder loop; eq. (1) with Φ = Ψ = 0)
-    φ_N'^α = φ_N^α + W_o h_N^α                  (Algorithm 1, last line: adapted output)
+Encoder (both paths), eq. (1) with Φ = Ψ = 0 (Appendix B.1):
 
-Because φ_i comes out of ``torch.no_grad()``, backpropagation never enters T: nothing of the
-backbone is stored for backward and no backbone parameter gets a gradient (Section 2.1).
+    h^E_0 = 0                                        ("embeddings need no corrections")
+    h^E_i^α = N^E(φ^E_i^α, h^E_{i-1}^α),  i = 1..N_E
+
+Encoder-only backbones (BERT-like, T5 encoder; classification head):
+
+    φ'_N^α = φ_N^α + W_o h^E_N^α                     (adapted output, fed to the head)
+
+Encoder–decoder T5 (text-to-text; Algorithm 1, decoder loop, eq. (17) reduced as in Appendix B.1):
+
+    ψ_j^α = Σ_β σ_{D,j}^{αβ} Ψ h^E_{N_E,β}            (Φ = 0; Ψ·F^E h =: L h, a learnable linear map)
+    x_j^α = φ^D_j^α + ψ_j^α                          (joiner: addition)
+    h^D_j^α = N^D(x_j^α, h^D_{j-1}^α),  j = 1..N_D,  h^D_0 = 0
+    φ^D'_{N_D} = φ^D_{N_D} + W_o h^D_{N_D}            (fed to the frozen LM head)
+
+Backpropagation never enters T: nothing of the backbone is stored for backward and no backbone
+parameter gets a gradient (Section 2.1). The RNNs store only their inputs and states
+(``LayerRecurrence``).
 
 Choices the paper leaves open, and ours:
 
-- Joiner. Appendix B.1 sets Φ = Ψ = 0 in self-attention, so the encoder joiner reduces to
-  x_i = φ_i: the RNN input is the cached hidden state itself (input size d).
-- Output projection W_o. h_N has the RNN's size (128/256) and φ_N the backbone's d, so the
-  correction needs an up-projection. We use one bias-free linear map d_h -> d shared across tokens,
-  initialised to zero so the adapted model starts exactly at the frozen backbone (as LoRA does
-  with its B matrix). Check against the paper: with GRU/256 on T5-base (d = 768) the encoder RNN
-  plus W_o have 3(256·768 + 256·256 + 2·256) + 256·768 = 984,576 parameters; twice that (encoder
-  and decoder) is 1.97 M, READ's count in Table 4.
+- Output projection W_o. h has the RNN's size (128/256) and φ the backbone's d, so the correction
+  needs an up-projection: one bias-free linear map d_h -> d shared across tokens, initialised to
+  zero so the adapted model starts exactly at the frozen backbone (as LoRA does with its B matrix).
+  Ψ is a bias-free d_h -> d map with PyTorch's default init. Check against the paper: GRU/256 on
+  T5-base (d = 768) gives N^E + Ψ + N^D + W_o = 2·3(256·768 + 256·256 + 2·256) + 2·256·768
+  = 1,969,152 parameters, READ's 1.97 M in Table 4.
+- Multi-head cross-attention: σ_{D,j} is the average of the heads' scores (the appendix derives
+  the single-head case).
+- φ_N is the stack's output after T5's final layer norm (what the LM head reads); φ_1..φ_{N-1} are
+  the residual-stream outputs of the blocks, as transformers returns them.
 - RNN initialisation: PyTorch's default (uniform ±1/sqrt(d_h)) — no pretraining, as the paper
   stresses. Cells: ``rnn`` (tanh), ``lstm``, ``gru``; Table 7 candidates GRU/256, GRU/128, LSTM/128.
-- Padding. Only non-padding tokens go through the RNN (each token is an independent sequence over
-  layers, so this changes nothing but the cost).
+- Padding. Only non-padding source tokens go through N^E (each token is an independent sequence
+  over layers, so this changes nothing but the cost).
 - Dropout. The backbone runs in eval mode (no dropout), so its states are a deterministic function
   of the input — the property that lets them be cached.
+- ``drop_layers`` removes the backbone's last k encoder and decoder layers, as the paper does for
+  READ on T5-large (Appendix C.2, k = 4); the truncated backbone is used for training and inference.
 - Head. On the encoder path, the shared masked-mean-pool head (``readlib.methods.head``).
 """
 
@@ -37,6 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from readlib.backbones import drop_last_layers
 from readlib.methods.head import MeanPoolHead
 
 DEFAULT_LR = 1e-3
@@ -47,7 +66,8 @@ CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 class Config:
     rnn: str = "gru"  # READ Table 7 final choice: GRU
     hidden: int = 256  # RNN hidden size d_h; Table 7 final choice: 256
-    dropout: float = 0.1  # head dropout
+    dropout: float = 0.1  # head dropout (encoder path)
+    drop_layers: int = 0  # drop the backbone's last k encoder and decoder layers (Appendix C.2: 4 for T5-large)
 
     def validate(self) -> None:
         from readlib.errors import ConfigError
@@ -58,6 +78,8 @@ class Config:
             raise ConfigError(f"read.hidden must be >= 1, got {self.hidden}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"read.dropout must be in [0, 1), got {self.dropout}")
+        if self.drop_layers < 0:
+            raise ConfigError(f"read.drop_layers must be >= 0, got {self.drop_layers}")
 
 
 def _cell_step(kind: str, x: torch.Tensor, state: torch.Tensor, weights, hidden: int) -> torch.Tensor:
@@ -110,24 +132,35 @@ class LayerRecurrence(torch.autograd.Function):
         return None, None, grad_phi, *grad_weights
 
 
-class READSideNetwork(nn.Module):
-    """N^E and W_o: maps stacked layer states φ_1..φ_N [N, tokens, d] to corrections [tokens, d]."""
+class LayerRNN(nn.Module):
+    """An RNN N whose weights are shared across layers, run over the layer axis: [N, tokens, d] -> h_N."""
 
     def __init__(self, d_model: int, config: Config):
         super().__init__()
         self.kind, self.hidden = config.rnn, config.hidden
-        self.cell = CELLS[config.rnn](d_model, config.hidden)  # holds N^E's weights, PyTorch's init
-        self.up = nn.Linear(config.hidden, d_model, bias=False)  # W_o
+        self.cell = CELLS[config.rnn](d_model, config.hidden)  # holds N's weights, PyTorch's init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cell = self.cell
+        weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        return LayerRecurrence.apply(self.kind, self.hidden, x, *weights)  # h_N, with h_0 = 0
+
+
+class READSideNetwork(LayerRNN):
+    """N^E and W_o: maps stacked layer states φ_1..φ_N [N, tokens, d] to corrections W_o h_N [tokens, d]."""
+
+    def __init__(self, d_model: int, config: Config):
+        super().__init__(d_model, config)
+        self.up = nn.Linear(config.hidden, d_model, bias=False)  # W_o, zero: start at the frozen model
         nn.init.zeros_(self.up.weight)
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
-        cell = self.cell
-        weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-        h_last = LayerRecurrence.apply(self.kind, self.hidden, phi, *weights)  # h_N, with h_0 = 0
-        return self.up(h_last)  # W_o h_N
+        return self.up(super().forward(phi))
 
 
 class READ(nn.Module):
+    """Encoder READ with the shared classification head."""
+
     def __init__(self, backbone, num_labels: int, config: Config):
         super().__init__()
         self.backbone = backbone
@@ -154,5 +187,66 @@ class READ(nn.Module):
         return self.head(corrected, attention_mask)
 
 
-def build(backbone, num_labels: int, config: Config) -> READ:
+class READSeq2Seq(nn.Module):
+    """Encoder–decoder READ, Algorithm 1 line by line; the frozen LM head reads the adapted output."""
+
+    def __init__(self, backbone, config: Config):
+        super().__init__()
+        d = backbone.hidden_size
+        self.backbone = backbone
+        self.frozen = backbone.model  # T5ForConditionalGeneration; never trained
+        self.encoder_rnn = LayerRNN(d, config)  # N^E
+        self.psi = nn.Linear(config.hidden, d, bias=False)  # Ψ, the learnable projection
+        self.decoder_rnn = LayerRNN(d, config)  # N^D
+        self.up = nn.Linear(config.hidden, d, bias=False)  # W_o, zero: start at the frozen model
+        nn.init.zeros_(self.up.weight)
+
+    def train(self, mode: bool = True) -> READSeq2Seq:
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def cached_states(self, input_ids, attention_mask, decoder_input_ids):
+        """Algorithm 1, line 2: one backbone pass without gradient.
+
+        Returns φ^E_1..φ^E_{N_E} of the non-padding source tokens [N_E, tokens, d], φ^D_1..φ^D_{N_D}
+        [N_D, batch, n, d] and the cross-attention scores σ^D_1..σ^D_{N_D} averaged over heads
+        [N_D, batch, n, m]. (Encoder self-attention scores σ^E are not needed: Φ = Ψ = 0 there.)
+        """
+        with torch.inference_mode():
+            out = self.frozen(input_ids=input_ids, attention_mask=attention_mask,
+                              decoder_input_ids=decoder_input_ids, output_hidden_states=True,
+                              output_attentions=True)
+        keep = attention_mask.bool()
+        phi_e = torch.stack([h[keep] for h in out.encoder_hidden_states[1:]])
+        phi_d = torch.stack(out.decoder_hidden_states[1:])
+        sigma = torch.stack([a.mean(1) for a in out.cross_attentions])
+        return phi_e, phi_d, sigma
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+        """LM logits [batch, n, vocab] of the adapted decoder output."""
+        phi_e, phi_d, sigma = self.cached_states(input_ids, attention_mask, decoder_input_ids)
+        h_e = self.encoder_rnn(phi_e)  # h^E_{N_E,β} = N^E over φ^E_1..φ^E_{N_E}, h^E_0 = 0
+        proj = h_e.new_zeros(*attention_mask.shape, phi_d.shape[-1])
+        proj[attention_mask.bool()] = self.psi(h_e)  # Ψ h^E_{N_E,β}; padding positions have σ = 0
+        psi = sigma @ proj  # ψ_j^α = Σ_β σ_{D,j}^{αβ} Ψ h^E_{N_E,β}, for every decoder layer j
+        x = phi_d + psi  # x_j^α = φ_j^α + ψ_j^α (the joiner: plain addition, Appendix B.1)
+        n_layers, batch, n, d = x.shape
+        h_d = self.decoder_rnn(x.reshape(n_layers, batch * n, d))  # h^D_j = N^D(x_j, h^D_{j-1})
+        adapted = phi_d[-1] + self.up(h_d).reshape(batch, n, d)  # φ^D'_{N_D} = φ^D_{N_D} + W_o h^D_{N_D}
+        return lm_logits(self.frozen, adapted)
+
+
+def lm_logits(t5, hidden: torch.Tensor) -> torch.Tensor:
+    """T5's LM head on a final decoder state, with the model's output scaling for tied embeddings."""
+    if t5.config.scale_decoder_outputs:
+        hidden = hidden * t5.config.d_model**-0.5
+    return t5.lm_head(hidden)
+
+
+def build(backbone, num_labels: int, config: Config) -> nn.Module:
+    if config.drop_layers:
+        drop_last_layers(backbone, config.drop_layers)
+    if backbone.kind == "seq2seq":
+        return READSeq2Seq(backbone, config)
     return READ(backbone, num_labels, config)
