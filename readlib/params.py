@@ -40,6 +40,8 @@ class RunParams:
     max_train: int | None = None  # subsample the training split (None: all of it)
     max_eval: int | None = None  # subsample validation and test (None: all of them)
     data_dir: str | None = None
+    cache: str = "memory"  # hidden-state cache for methods that train from backbone states: off|memory|disk
+    cache_dtype: str = "float32"  # float16 halves the cache; float32 gives the same numbers as no cache
     device: str = "auto"
     profile: str = "default"
     method_args: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +72,12 @@ class RunParams:
                 raise ConfigError(f"{name} must be >= 1 or null (no subsampling), got {value}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        from readlib.cache import DTYPES, MODES
+
+        if self.cache not in MODES:
+            raise ConfigError(f"unknown cache '{self.cache}'; choose one of: {', '.join(MODES)}")
+        if self.cache_dtype not in DTYPES:
+            raise ConfigError(f"unknown cache_dtype '{self.cache_dtype}'; choose one of: {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"unknown device '{self.device}'; choose one of: auto, cpu, cuda, cuda:N")
         if self.device.startswith("cuda"):

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 import readlib
-from readlib import backbones, data, methods
+from readlib import backbones, cache, data, methods
 from readlib.metrics import compute_metrics, majority_baseline
 from readlib.params import RunParams
 
@@ -83,6 +83,7 @@ class Encoded:
                             max_length=max_length)
         self.input_ids = enc["input_ids"]
         self.token_type_ids = None if self.text_to_text else enc.get("token_type_ids")
+        self.cache = None  # a readlib.cache.HiddenStateCache once built
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -111,6 +112,14 @@ class Encoded:
         decoder_input_ids = torch.cat([torch.full((len(idx), 1), self.pad_id), labels[:, :-1]], 1)
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, self.pad_id).to(device)
         return inputs, labels.to(device)
+
+
+def forward(model: nn.Module, split: Encoded, idx, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of examples ``idx``; from the split's hidden-state cache when it has one."""
+    inputs, labels = split.batch(idx, device)
+    if split.cache is not None:
+        return model.forward_features(split.cache.gather(idx, device), inputs["attention_mask"]), labels
+    return model(**inputs), labels
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -158,14 +167,37 @@ def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.dev
     steps = max(map(len, split.targets)) if split.text_to_text else 0
     for start in range(0, len(split), batch_size):
         idx = range(start, min(start + batch_size, len(split)))
-        inputs, _ = split.batch(idx, device)
         if split.text_to_text:
+            inputs, _ = split.batch(idx, device)
             ids = greedy_decode(model, inputs, split.pad_id, steps).cpu()
             out.append(parse_generated(task, tokenizer, ids, eos_id, split.labels[list(idx)].tolist()))
             continue
-        logits = model(**inputs).float()
+        logits = forward(model, split, idx, device)[0].float()
         out.append((logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().numpy())
     return np.concatenate(out)
+
+
+def build_caches(params: RunParams, model: nn.Module, backbone, encoded: dict[str, Encoded], data_info: dict,
+                 batch_size: int, device: torch.device, progress: bool) -> dict:
+    """Hidden-state caches for every split when the method can train from them (``forward_features``).
+
+    Returns what the record says about it: mode, dtype, bytes, seconds spent filling.
+    """
+    if params.cache == "off" or not hasattr(model, "forward_features"):
+        return {"mode": "off"}
+    from readlib.report import OUTPUT_DIR
+
+    start, total = time.time(), 0
+    for name, split in encoded.items():
+        key = cache.cache_key(
+            backbone=params.backbone, source=backbone.source, weights_seed=None if backbone.pretrained else params.seed,
+            layers=backbone.num_layers, tokenizer=backbone.tokenizer.name_or_path, vocab=len(backbone.tokenizer),
+            task=params.task, split=name, data=data_info, max_length=params.max_length, dtype=params.cache_dtype,
+        )
+        split.cache = cache.build(model, split, backbone.num_layers, backbone.hidden_size, batch_size, device,
+                                  params.cache, params.cache_dtype, OUTPUT_DIR / "cache" / key, progress)
+        total += split.cache.nbytes
+    return {"mode": params.cache, "dtype": params.cache_dtype, "bytes": total, "seconds": time.time() - start}
 
 
 def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> dict:
@@ -183,11 +215,11 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
     trainable, total = methods.count_parameters(model)
     eos_id = backbone.eos_id if backbone.kind == "seq2seq" else None
     encoded = {name: Encoded(ds, backbone.tokenizer, task, params.max_length, eos_id) for name, ds in splits.items()}
+    train, eval_batch = encoded["train"], 2 * params.micro_batch_size
+    cache_info = build_caches(params, model, backbone, encoded, data_info, eval_batch, device, progress)
 
     def predictions(split: str):
         return predict(model, encoded[split], eval_batch, device, task, backbone.tokenizer, eos_id)
-
-    train, eval_batch = encoded["train"], 2 * params.micro_batch_size
 
     lr = params.learning_rate
     optimizer = torch.optim.AdamW(
@@ -208,8 +240,8 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in step.split(params.micro_batch_size):
-                inputs, labels = train.batch(micro, device)
-                loss = task_loss(model(**inputs), labels, task.is_regression) * (len(micro) / len(step))
+                logits, labels = forward(model, train, micro, device)
+                loss = task_loss(logits, labels, task.is_regression) * (len(micro) / len(step))
                 loss.backward()
                 step_loss += loss.item()
             if not math.isfinite(step_loss):
@@ -265,6 +297,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         "backbone_source": backbone.source,
         "backbone_pretrained": backbone.pretrained,
         "formulation": "text-to-text" if eos_id is not None else "classification",
+        "cache": cache_info,
         "data": data_info,
         "batch_size": params.batch_size,
         "micro_batch_size": params.micro_batch_size,

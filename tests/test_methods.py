@@ -229,14 +229,14 @@ def test_read_starts_at_the_frozen_backbone(minilm):
     logits = model(**batch)
     assert logits.shape == (3, 3)
     assert torch.equal(logits, expected)
-    phi = model.layer_states(**batch)
+    phi = model.features(**batch)
     assert torch.equal(model.side(phi), torch.zeros(phi.shape[1], 384))
 
 
-def test_read_layer_states_are_phi_1_to_N_of_real_tokens(minilm):
+def test_read_features_are_phi_1_to_N_of_real_tokens(minilm):
     model = methods.build("read", minilm, 2)
     batch = encode(minilm)
-    phi = model.layer_states(**batch)
+    phi = model.features(**batch)
     mask = batch["attention_mask"].bool()
     states = minilm.hidden_states(**batch)
     assert phi.shape == (6, int(mask.sum()), 384)  # N = 6 layers, no embeddings (φ_0), no padding

@@ -173,18 +173,24 @@ class READ(nn.Module):
         self.frozen.eval()  # the backbone never uses dropout (see module docstring)
         return self
 
-    def layer_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """φ_1..φ_N of the non-padding tokens, [N, tokens, d], computed without gradient."""
+    def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """φ_1..φ_N of the non-padding tokens, [N, tokens, d], computed without gradient.
+
+        Everything READ needs from the backbone, so ``readlib.cache`` can store it once.
+        """
         with torch.inference_mode():  # no autograd bookkeeping at all inside the backbone
             states = self.backbone.hidden_states(input_ids, attention_mask, token_type_ids)
         keep = attention_mask.bool()
         return torch.stack([phi[keep] for phi in states[1:]])  # a normal tensor: may be saved for backward
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        phi = self.layer_states(input_ids, attention_mask, token_type_ids)
+    def forward_features(self, phi: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from cached states ``phi`` [N, tokens, d] of the batch's non-padding tokens."""
         corrected = torch.zeros(*attention_mask.shape, phi.shape[-1], dtype=phi.dtype, device=phi.device)
         corrected[attention_mask.bool()] = phi[-1] + self.side(phi)  # φ_N' = φ_N + W_o h_N
         return self.head(corrected, attention_mask)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        return self.forward_features(self.features(input_ids, attention_mask, token_type_ids), attention_mask)
 
 
 class READSeq2Seq(nn.Module):

@@ -1,0 +1,118 @@
+"""Hidden-state cache: run the frozen backbone once per split, train the side network from the cache.
+
+READ never changes the backbone and runs it in eval mode, so what it consumes — the per-layer
+states φ_1..φ_N of every non-padding token — is a fixed function of the input. The first pass over
+a split stores them; every later epoch (and every learning-rate trial on the same data) reads them
+back instead of running the backbone. Written here because no library caches per-layer states of a
+frozen model for side-network training.
+
+Layout: one array [total tokens, N, d], examples stored back to back (token-major), so an example's
+states are one contiguous slice. Kept in memory, or memory-mapped under ``outputs/cache/<key>/``
+where a later run with the same key reuses it. The key hashes everything the states depend on:
+backbone (name, source, random-weight seed, layers kept), tokenizer, task, split, data selection
+(split and subsample seeds, sizes) and max length — a stale cache is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from readlib.errors import ConfigError
+
+MODES = ("off", "memory", "disk")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def cache_key(**fields) -> str:
+    """A short stable hash of the JSON of ``fields`` (sorted keys)."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or 0 when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class HiddenStateCache:
+    """The states of one split: ``gather(idx)`` returns them as [N, tokens, d] float32, in idx order."""
+
+    def __init__(self, lengths: list[int], n_layers: int, d_model: int, dtype: str = "float32",
+                 path: Path | None = None):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        shape = (int(self.offsets[-1]), n_layers, d_model)
+        self.nbytes = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
+        self.path = path
+        self.complete = path is not None and (path / "complete").exists()
+        if path is None:
+            if self.nbytes > 0.8 * available_memory() > 0:
+                raise ConfigError(
+                    f"hidden-state cache needs {self.nbytes / 2**30:.2f} GiB but only "
+                    f"{available_memory() / 2**30:.2f} GiB of memory is available; use cache=disk, "
+                    "cache_dtype=float16, a smaller max_train, or cache=off"
+                )
+            self.states = np.empty(shape, dtype=DTYPES[dtype])
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        if not self.complete and self.nbytes > shutil.disk_usage(path).free:
+            raise ConfigError(
+                f"hidden-state cache needs {self.nbytes / 2**30:.2f} GiB on disk at {path} but only "
+                f"{shutil.disk_usage(path).free / 2**30:.2f} GiB is free; use cache_dtype=float16, "
+                "a smaller max_train, or cache=off"
+            )
+        mode = "r" if self.complete else "w+"
+        self.states = np.lib.format.open_memmap(path / "states.npy", mode=mode, dtype=DTYPES[dtype], shape=shape)
+
+    def store(self, idx: list[int], phi: torch.Tensor) -> None:
+        """Write the states of examples ``idx`` from ``phi`` [N, tokens, d] (their tokens in order)."""
+        rows = phi.detach().transpose(0, 1).cpu().numpy()
+        start = 0
+        for i in idx:
+            n = int(self.lengths[i])
+            self.states[self.offsets[i] : self.offsets[i] + n] = rows[start : start + n]
+            start += n
+
+    def gather(self, idx, device: torch.device) -> torch.Tensor:
+        rows = np.concatenate([self.states[self.offsets[i] : self.offsets[i + 1]] for i in idx])
+        return torch.from_numpy(rows.astype(np.float32, copy=False)).to(device).transpose(0, 1)
+
+    def finish(self) -> None:
+        """Mark a disk cache as complete, so later runs with the same key read it instead of rebuilding."""
+        if self.path is not None:
+            self.states.flush()
+            (self.path / "complete").touch()
+            self.complete = True
+
+
+def build(model, split, n_layers: int, d_model: int, batch_size: int, device: torch.device,
+          mode: str = "memory", dtype: str = "float32", path: Path | None = None,
+          progress: bool = True) -> HiddenStateCache:
+    """Fill a cache for ``split`` (a ``readlib.train.Encoded``) with ``model.features`` — one backbone pass.
+
+    ``mode`` "disk" keeps the array at ``path`` and reuses it when a complete one is already there.
+    """
+    if mode not in MODES[1:]:
+        raise ConfigError(f"unknown cache mode '{mode}'; choose one of: {', '.join(MODES)}")
+    lengths = [len(ids) for ids in split.input_ids]
+    cache = HiddenStateCache(lengths, n_layers, d_model, dtype, path if mode == "disk" else None)
+    if cache.complete:
+        return cache
+    batches = [list(range(s, min(s + batch_size, len(split)))) for s in range(0, len(split), batch_size)]
+    for idx in tqdm(batches, desc="caching hidden states", leave=False, disable=not progress):
+        inputs, _ = split.batch(idx, device)
+        cache.store(idx, model.features(**inputs))
+    cache.finish()
+    return cache

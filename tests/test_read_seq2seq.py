@@ -1,0 +1,384 @@
+"""Encoder–decoder READ (Algorithm 1 of READ, Appendix B.2, with the reductions of Appendix B.1)."""
+
+import pytest
+import torch
+from transformers import T5ForConditionalGeneration
+
+from readlib import backbones, methods
+from readlib.costs import SavedTensorMeter
+from readlib.errors import ConfigError
+from readlib.methods import read
+
+F32 = 4  # bytes per float32
+READ_PREFIXES = ("encoder_rnn.", "psi.", "decoder_rnn.", "up.")
+CELL_WEIGHTS = ("cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh")
+# every parameter READ adds to T5: N^E, Ψ, N^D, W_o
+READ_NAMES = {f"{rnn}.{w}" for rnn in ("encoder_rnn", "decoder_rnn") for w in CELL_WEIGHTS} | {
+    "psi.weight", "up.weight"}
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def t5(name="random-t5-tiny", seed=0):
+    return backbones.load(name, seed=seed)  # T5ForConditionalGeneration (text-to-text is T5's default)
+
+
+def batch(vocab_lo=1000, vocab_hi=2000):
+    """Two source rows of 7 tokens, the second padded after 4 (11 real tokens), and 3 decoder inputs."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab_lo, vocab_hi, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    ids[1, 4:] = 0  # the pad id
+    dec = torch.randint(vocab_lo, vocab_hi, (2, 3), generator=gen)
+    dec[:, 0] = 0  # T5's decoder start is the pad id
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+
+
+def randomize(module, std=0.1, seed=0):
+    """Fresh random weights; moves W_o off zero so the side network changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+def read_modules(model):
+    return torch.nn.ModuleList([model.encoder_rnn, model.psi, model.decoder_rnn, model.up])
+
+
+def rnn_params(cell, d, hidden):
+    return GATES[cell] * (hidden * d + hidden * hidden + 2 * hidden)  # per gate: W_ih, W_hh, b_ih, b_hh
+
+
+def read_seq2seq_params(d, cell="gru", hidden=256):
+    # N^E and N^D (one cell each, shared across layers) + Ψ: H -> d and W_o: H -> d, both bias-free
+    return 2 * rnn_params(cell, d, hidden) + 2 * hidden * d
+
+
+# ---------------------------------------------------------------- forward, initialisation, gradients
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return t5()
+
+
+def test_read_seq2seq_is_built_for_seq2seq_backbones(tiny):
+    model = methods.build("read", tiny, 2)
+    assert tiny.kind == "seq2seq"
+    assert type(model) is read.READSeq2Seq
+    assert {n for n, p in model.named_parameters() if not n.startswith("frozen.")} == READ_NAMES
+
+
+def test_logits_shape_and_start_at_the_frozen_t5(tiny):
+    model = methods.build("read", tiny, 2).eval()
+    inputs = batch()
+    logits = model(**inputs)
+    assert logits.shape == (2, 3, backbones.T5_VOCAB)
+    assert torch.equal(model.up.weight, torch.zeros(64, 256))  # W_o = 0
+    # W_o = 0: φ^D'_{N_D} = φ^D_{N_D}, so READ's logits are exactly the frozen T5's (padded row included)
+    with torch.no_grad():
+        expected = tiny.model(**inputs).logits
+    assert torch.equal(logits, expected)
+    assert (expected[0] - expected[1]).abs().max() > 1e-3  # the rows are not trivially equal
+
+
+def test_randomized_side_network_moves_the_logits(tiny):
+    model = methods.build("read", tiny, 2).eval()
+    randomize(read_modules(model))
+    inputs = batch()
+    with torch.no_grad():
+        assert (model(**inputs) - tiny.model(**inputs).logits).abs().max() > 1e-2
+
+
+def hand_gru(x, h, cell):
+    gi, gh = x @ cell.weight_ih.T + cell.bias_ih, h @ cell.weight_hh.T + cell.bias_hh
+    (i_r, i_z, i_n), (h_r, h_z, h_n) = gi.chunk(3, -1), gh.chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    return (1 - z) * torch.tanh(i_n + r * h_n) + z * h
+
+
+def test_forward_is_algorithm_1_by_hand(tiny):
+    # Algorithm 1 with B.1's reductions, written out from the frozen T5's own outputs:
+    #   h^E_i = N^E(φ^E_i, h^E_{i-1}), h^E_0 = 0            (every source token, padding too)
+    #   ψ_j = Σ_β σ_{D,j}^{·β} Ψ h^E_{N_E,β}, σ = mean over heads of the cross-attention
+    #   x_j = φ^D_j + ψ_j;  h^D_j = N^D(x_j, h^D_{j-1}), h^D_0 = 0
+    #   logits = lm_head((φ^D_{N_D} + W_o h^D_{N_D}) * d^-1/2)   (T5's tied-embedding output scale)
+    torch.manual_seed(0)
+    model = methods.build("read", tiny, 2, {"hidden": 8}).eval()
+    randomize(read_modules(model), std=0.3)
+    inputs = batch()
+    with torch.no_grad():
+        out = tiny.model(**inputs, output_hidden_states=True, output_attentions=True)
+        h = torch.zeros(2, 7, 8)
+        for phi in out.encoder_hidden_states[1:]:
+            h = hand_gru(phi, h, model.encoder_rnn.cell)
+        s = torch.zeros(2, 3, 8)
+        for phi, attn in zip(out.decoder_hidden_states[1:], out.cross_attentions, strict=True):
+            psi = torch.einsum("bnm,bmd->bnd", attn.mean(1), h @ model.psi.weight.T)
+            s = hand_gru(phi + psi, s, model.decoder_rnn.cell)
+        adapted = out.decoder_hidden_states[-1] + s @ model.up.weight.T
+        expected = tiny.model.lm_head(adapted * 64**-0.5)
+        # padding columns get σ = 0 exactly, so READ skipping padded tokens in N^E changes nothing
+        assert torch.equal(out.cross_attentions[0][1, :, :, 4:], torch.zeros(4, 3, 3))
+        torch.testing.assert_close(model(**inputs), expected, rtol=0, atol=1e-5)
+
+
+def test_padding_does_not_change_a_row(tiny):
+    model = methods.build("read", tiny, 2).eval()
+    randomize(read_modules(model))
+    inputs = batch()
+    alone = {k: v[1:, : (4 if k != "decoder_input_ids" else None)] for k, v in inputs.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[1:], model(**alone), rtol=0, atol=1e-5)
+
+
+def test_backbone_stays_in_eval_mode_when_training(tiny):
+    model = methods.build("read", tiny, 2).train()
+    assert model.training and not any(m.training for m in tiny.model.modules())
+    randomize(read_modules(model))
+    inputs = batch()
+    assert torch.equal(model(**inputs), model(**inputs))  # T5's dropout (0.1) is off
+
+
+def test_gradients_reach_exactly_the_read_parameters():
+    bb = t5()
+    model = methods.build("read", bb, 2).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == READ_NAMES
+    assert all(n.startswith("frozen.") for n, p in model.named_parameters() if not p.requires_grad)
+    logits = model(**batch())
+    logits.square().mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("frozen."))
+    assert all(p.grad is None for p in bb.model.parameters())
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == READ_NAMES
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    # at initialisation W_o = 0 blocks every path to N^E, Ψ and N^D: only W_o's gradient is nonzero
+    assert grads["up.weight"].abs().sum() > 0
+    assert all(torch.equal(g, torch.zeros_like(g)) for n, g in grads.items() if n != "up.weight")
+
+
+def test_every_read_parameter_learns_once_w_o_is_nonzero():
+    bb = t5()
+    model = methods.build("read", bb, 2).train()
+    randomize(read_modules(model))
+    model(**batch()).square().mean().backward()
+    for name in READ_NAMES:
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in bb.model.parameters())
+
+
+def test_an_optimizer_step_leaves_the_backbone_bitwise_unchanged():
+    bb = t5()
+    model = methods.build("read", bb, 2).train()
+    randomize(read_modules(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # hand every parameter to AdamW, with weight decay: the backbone's have no gradient, so no update
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(**batch()).square().mean().backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name.startswith("frozen."):
+            assert torch.equal(p, before[name]), name
+        else:
+            assert not torch.equal(p, before[name]), name
+
+
+# ---------------------------------------------------------------- gradient isolation, in bytes
+
+
+def read_seq2seq_bytes(n_enc, n_dec, tokens_e, batch_size, m, n, d, hidden, width):
+    """Bytes READSeq2Seq saves for backward, term by term (float32 unless noted).
+
+    tokens_e: real source tokens; m / n: padded source / target length; width: RNN state (2*hidden
+    for an LSTM). The backbone ran under inference_mode and contributes nothing but its cached states.
+    """
+    phi_e = n_enc * tokens_e * d * F32  # stacked φ^E_1..φ^E_{N_E}: N^E's input (LayerRecurrence)
+    states_e = (n_enc + 1) * tokens_e * width * F32  # N^E's states s_0..s_{N_E}; gates are recomputed
+    h_e = tokens_e * hidden * F32  # h^E_{N_E}: Ψ's input
+    mask = batch_size * m  # the bool mask that scatters Ψh^E into [B, m, d] (index_put), 1 byte each
+    sigma = n_dec * batch_size * n * m * F32  # σ^D_1..σ^D_{N_D}, kept by σ @ (Ψh^E) for ∂/∂(Ψh^E)
+    x = n_dec * batch_size * n * d * F32  # x_j = φ^D_j + ψ_j: N^D's input (φ^D itself is not kept)
+    states_d = (n_dec + 1) * batch_size * n * width * F32  # N^D's states s_0..s_{N_D}
+    h_d = batch_size * n * hidden * F32  # h^D_{N_D}: W_o's input
+    # the LM head keeps only its weight (a parameter, saved by reference: no bytes) for ∂/∂φ^D'
+    return phi_e + states_e + h_e + mask + sigma + x + states_d + h_d
+
+
+def saved_bytes(model, inputs) -> int:
+    with SavedTensorMeter(model) as meter:
+        model(**inputs)
+    return meter.bytes
+
+
+@pytest.mark.parametrize("cell, width", [("gru", 16), ("lstm", 32)])
+def test_read_bytes_grow_only_by_what_read_stores(cell, width):
+    # same batch through a 2-layer and a 6-layer random T5 (same seed): B = 2, m = 7 (11 real
+    # tokens), n = 3, d = 64; RNN hidden 16 (a quarter of d, as 256 is a third of T5-base's 768)
+    inputs = batch()
+    read_b, full_b = {}, {}
+    for layers in (2, 6):
+        bb = t5(f"random-t5-tiny:num_layers={layers}")
+        model = methods.build("read", bb, 2, {"rnn": cell, "hidden": 16})
+        read_b[layers] = saved_bytes(model, inputs)
+        assert read_b[layers] == read_seq2seq_bytes(layers, layers, 11, 2, 7, 3, 64, 16, width)
+        full = methods.build("full", t5(f"random-t5-tiny:num_layers={layers}"), 2)
+        full_b[layers] = saved_bytes(full, inputs)
+    # GRU: 2 layers: 5,632 + 2,112 + 704 + 14 + 336 + 3,072 + 1,152 + 384 = 13,406 bytes
+    if cell == "gru":
+        assert read_b[2] == 13_406
+    # per extra encoder layer: one φ^E row and one N^E state per real token: 11 * (64 + width) * 4
+    # per extra decoder layer: one σ row (m = 7 floats), one x row (d) and one N^D state per target
+    #   position: 2 * 3 * (7 + 64 + width) * 4
+    # GRU: 4 * (3,520 + 2,088) = 22,432 bytes; LSTM: 4 * (4,224 + 2,472) = 26,784 bytes
+    per_layer = 11 * (64 + width) * F32 + 2 * 3 * (7 + 64 + width) * F32
+    assert read_b[6] - read_b[2] == 4 * per_layer == {"gru": 22_432, "lstm": 26_784}[cell]
+    # full fine-tuning keeps every layer's activations (attention, FFN, norms) of both stacks
+    assert full_b[6] >= 2.5 * full_b[2]
+    assert (read_b[6] - read_b[2]) < 0.1 * (full_b[6] - full_b[2])
+
+
+def test_nothing_saved_is_inference_mode_or_backbone_memory_except_the_lm_head():
+    bb = t5()
+    model = methods.build("read", bb, 2)
+    backbone_storages = {p.untyped_storage().data_ptr() for p in bb.model.parameters()}
+    saved = []
+
+    def pack(t):
+        saved.append((t.untyped_storage().data_ptr(), t.is_inference(), tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch())
+    assert len(saved) > 10
+    assert not any(inference for _, inference, _ in saved)  # cached states left inference mode
+    # Gradient must flow from the logits back through the frozen LM head to φ^D' (it is T5's own
+    # output layer, Algorithm 1's last line), so its weight W (tied to the embedding) is the one
+    # backbone tensor autograd keeps: ∂logits/∂φ^D' = W. It is saved by reference (no copy, and it
+    # gets no gradient); nothing of the encoder or decoder stacks is kept.
+    lm_head = bb.model.lm_head.weight
+    shared = [(ptr, shape) for ptr, _, shape in saved if ptr in backbone_storages]
+    assert shared == [(lm_head.untyped_storage().data_ptr(), (64, backbones.T5_VOCAB))]
+    assert lm_head.untyped_storage().data_ptr() == bb.model.shared.weight.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------- parameter counts (Table 4, Figure 5)
+
+
+def meta_backbone(size, **overrides):
+    name = f"random-t5-{size}" + (":" + ",".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "")
+    config = backbones.random_t5_config(name)
+    with torch.device("meta"):  # shapes only
+        model = T5ForConditionalGeneration(config).requires_grad_(False)
+    return backbones.Backbone(name, model, None, config.d_model, config.num_layers, "meta", False, "seq2seq")
+
+
+def test_read_on_t5_base_has_table4_trainable_parameters():
+    bb = meta_backbone("base")
+    model = read.build(bb, 0, read.Config())  # GRU/256, Table 7's final choice
+    assert (bb.hidden_size, bb.num_layers) == (768, 12)
+    trainable, total = methods.count_parameters(model)
+    # 2 * 3(256*768 + 256*256 + 2*256) + 2 * 256*768 = 1,575,936 + 393,216 = 1,969,152
+    assert read_seq2seq_params(768) == 1_969_152
+    assert trainable == 1_969_152
+    assert round(trainable / 1e6, 2) == 1.97  # READ's 1.97 M (Table 4)
+    assert total == trainable + 222_903_552  # + the T5-base checkpoint (tied embedding counted once)
+    assert sum(p.numel() for n, p in model.named_parameters() if n.startswith(READ_PREFIXES)) == trainable
+
+
+@pytest.mark.parametrize("size, d, expected", [
+    ("small", 512, 1_444_864),  # 2 * 3(256*512 + 256*256 + 512) + 2 * 256*512 = 1,182,720 + 262,144
+    ("base", 768, 1_969_152),
+    ("large", 1024, 2_493_440),  # 2 * 3(256*1024 + 256*256 + 512) + 2 * 256*1024 = 1,969,152 + 524,288
+    ("3b", 1024, 2_493_440),  # d_model 1024 like T5-large: the same READ, although T5-3B is 4x larger
+])
+def test_read_count_depends_only_on_d_model(size, d, expected):
+    bb = meta_backbone(size)
+    trainable, total = methods.count_parameters(read.build(bb, 0, read.Config()))
+    assert trainable == read_seq2seq_params(d) == expected
+    assert total - trainable == sum(p.numel() for p in bb.model.parameters())
+
+
+def test_read_count_does_not_change_with_depth_or_dropped_layers():
+    counts = {
+        "large, 24 layers": read.build(meta_backbone("large"), 0, read.Config()),
+        "large, last 4 dropped": read.build(meta_backbone("large"), 0, read.Config(drop_layers=4)),
+        "large, 2 layers": read.build(meta_backbone("large", num_layers=2), 0, read.Config()),
+    }
+    assert len(counts["large, last 4 dropped"].frozen.encoder.block) == 20
+    assert {methods.count_parameters(m)[0] for m in counts.values()} == {2_493_440}
+
+
+# ---------------------------------------------------------------- drop_layers (Appendix C.2)
+
+
+def test_drop_layers_truncates_both_stacks_and_starts_at_the_truncated_t5():
+    bb = t5("random-t5-tiny:num_layers=3")
+    inputs = batch()
+    with torch.no_grad():
+        untruncated = bb.model(**inputs).logits
+    model = methods.build("read", bb, 2, {"drop_layers": 1}).eval()
+    assert len(model.frozen.encoder.block) == len(model.frozen.decoder.block) == 2
+    assert bb.num_layers == 2
+    # the truncated T5 is a 2-layer T5 with the first two blocks: it loads into one strictly
+    two = T5ForConditionalGeneration(backbones.random_t5_config("random-t5-tiny:num_layers=2")).eval()
+    two.load_state_dict(model.frozen.state_dict(), strict=True)
+    with torch.no_grad():
+        expected = two(**inputs).logits
+        logits = model(**inputs)
+    assert torch.equal(logits, expected)
+    assert (logits - untruncated).abs().max() > 1e-3  # dropping a layer did change the model
+    phi_e, phi_d, sigma = model.cached_states(**inputs)
+    assert (phi_e.shape, phi_d.shape, sigma.shape) == ((2, 11, 64), (2, 2, 3, 64), (2, 2, 3, 7))
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_drop_layers_must_leave_a_layer(k):
+    bb = t5("random-t5-tiny:num_layers=3")
+    with pytest.raises(ConfigError, match=f"cannot drop {k} layers from a 3-layer stack"):
+        methods.build("read", bb, 2, {"drop_layers": k})
+    assert len(bb.model.encoder.block) == len(bb.model.decoder.block) == 3  # nothing was removed
+
+
+# ---------------------------------------------------------------- LayerRecurrence vs PyTorch's RNNs
+
+
+@pytest.mark.parametrize("kind, rnn_class", [("rnn", torch.nn.RNN), ("gru", torch.nn.GRU), ("lstm", torch.nn.LSTM)])
+def test_layer_recurrence_matches_torch_rnn(kind, rnn_class):
+    # N layers as the sequence axis, tokens as the batch: h_N and every gradient as torch.nn.<RNN>
+    torch.manual_seed(0)
+    d, hidden, layers, tokens = 5, 4, 6, 3
+    ours = read.LayerRNN(d, read.Config(rnn=kind, hidden=hidden)).double()
+    randomize(ours, std=0.5)
+    ref = rnn_class(d, hidden).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(ref, f"{name}_l0").copy_(getattr(ours.cell, name))
+    phi = torch.randn(layers, tokens, d, dtype=torch.float64)
+    phi_ours, phi_ref = phi.clone().requires_grad_(), phi.clone().requires_grad_()
+    h_ours = ours(phi_ours)
+    _, state = ref(phi_ref)
+    h_ref = (state[0] if kind == "lstm" else state)[0]  # h_n of the single layer
+    torch.testing.assert_close(h_ours, h_ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(tokens, hidden, dtype=torch.float64)
+    (h_ours * upstream).sum().backward()
+    (h_ref * upstream).sum().backward()
+    torch.testing.assert_close(phi_ours.grad, phi_ref.grad, rtol=1e-12, atol=1e-12)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        torch.testing.assert_close(getattr(ours.cell, name).grad, getattr(ref, f"{name}_l0").grad,
+                                   rtol=1e-12, atol=1e-12)
+    assert phi_ours.grad.abs().min() > 0
+
+
+def test_full_seq2seq_trains_every_t5_parameter():
+    bb = t5()
+    model = methods.build("full", bb, 2)
+    inputs = batch()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**inputs), bb.model(**inputs).logits)
+    model(**inputs).square().mean().backward()
+    params = list(model.parameters())
+    assert params and all(p.requires_grad for p in params)
+    assert all(p.grad is not None for p in params)
+    assert methods.count_parameters(model)[0] == sum(p.numel() for p in bb.model.parameters())
+
