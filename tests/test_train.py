@@ -85,7 +85,8 @@ def test_record_has_the_readme_fields(record):
     readme = ("task method method_args lr seed validation test majority_baseline epochs_run best_epoch "
               "history status trainable_params total_params trainable_percent wall_time_s device profile "
               "backbone backbone_source backbone_pretrained formulation cache data batch_size micro_batch_size "
-              "max_length max_epochs patience weight_decay git_commit readlib_version torch_version finished_at").split()
+              "max_length max_epochs patience weight_decay git_commit readlib_version torch_version "
+              "finished_at").split()
     assert list(record) == readme
     assert set(record["data"]) == {"task", "source", "split_seed", "sizes_full", "sizes_used", "subsample_seed"}
     assert all(set(row) == {"epoch", "train_loss", "val_score", "seconds"} for row in record["history"])
