@@ -73,8 +73,13 @@ class HiddenStateCache:
                 f"{shutil.disk_usage(path).free / 2**30:.2f} GiB is free; use cache_dtype=float16, "
                 "a smaller max_train, or cache=off"
             )
-        mode = "r" if self.complete else "w+"
-        self.states = np.lib.format.open_memmap(path / "states.npy", mode=mode, dtype=DTYPES[dtype], shape=shape)
+        if self.complete:
+            self.states = np.lib.format.open_memmap(path / "states.npy", mode="r")
+            if self.states.shape == shape and self.states.dtype == DTYPES[dtype]:
+                return
+            self.complete = False  # same key, different contents (files changed under it): rebuild
+            (path / "complete").unlink()
+        self.states = np.lib.format.open_memmap(path / "states.npy", mode="w+", dtype=DTYPES[dtype], shape=shape)
 
     def store(self, idx: list[int], phi: torch.Tensor) -> None:
         """Write the states of examples ``idx`` from ``phi`` [N, tokens, d] (their tokens in order)."""
@@ -95,6 +100,26 @@ class HiddenStateCache:
             self.states.flush()
             (self.path / "complete").touch()
             self.complete = True
+
+
+def check_fits(nbytes: int, mode: str, path: Path) -> None:
+    """Raise ConfigError before any work when ``nbytes`` of caches will not fit in memory or on disk."""
+    if mode == "memory" and nbytes > 0.8 * available_memory() > 0:
+        where, free = "memory", available_memory()
+    elif mode == "disk" and nbytes > shutil.disk_usage(_existing(path)).free:
+        where, free = f"disk at {path}", shutil.disk_usage(_existing(path)).free
+    else:
+        return
+    raise ConfigError(
+        f"hidden-state caches need {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of {where} is "
+        "available; use cache=disk, cache_dtype=float16, a smaller max_train, or cache=off"
+    )
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def build(model, split, n_layers: int, d_model: int, batch_size: int, device: torch.device,

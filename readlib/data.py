@@ -5,6 +5,7 @@ the public train and validation data; Appendix C.2, Table 5, lists the sizes the
 """
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,8 +276,8 @@ def t5_source(spec: TaskSpec, row: dict) -> str:
 
 def t5_target(spec: TaskSpec, label: float) -> str:
     """The target string: the class name, or the STS-B score rounded to 0.2 with one decimal."""
-    if spec.is_regression:
-        return f"{round(float(label) / STSB_STEP) * STSB_STEP:.1f}"
+    if spec.is_regression:  # T5's recipe: round(5 x) / 5, ties to even (as tf.round)
+        return f"{round(float(label) * round(1 / STSB_STEP)) * STSB_STEP:.1f}"
     return spec.label_names[int(label)]
 
 
@@ -287,10 +288,8 @@ def t5_label(spec: TaskSpec, text: str) -> float | int | None:
     """
     text = "".join(text.split())
     if spec.is_regression:
-        try:
-            value = float(text)
-        except ValueError:
+        if re.fullmatch(r"-?\d+(\.\d+)?", text) is None:  # float() would also take "nan", "1_0", "1e3"
             return None
-        return min(max(value, 0.0), 5.0)
+        return min(max(float(text), 0.0), 5.0)
     names = ["".join(name.split()) for name in spec.label_names]
     return names.index(text) if text in names else None

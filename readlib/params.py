@@ -59,6 +59,8 @@ class RunParams:
         data.get_task(self.task)
         methods.make_config(self.method, self.method_args)
         backbones.check_name(self.backbone)
+        if self.text_to_text and not backbones.is_t5(self.backbone):
+            raise ConfigError(f"text-to-text needs a T5 backbone; '{self.backbone}' is an encoder (use classification)")
         if self.lr is not None and not (0 < self.lr < 1):
             raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
         for name in ("max_epochs", "batch_size", "micro_batch_size", "max_length"):

@@ -187,6 +187,9 @@ def build_caches(params: RunParams, model: nn.Module, backbone, encoded: dict[st
         return {"mode": "off"}
     from readlib.report import OUTPUT_DIR
 
+    per_token = backbone.num_layers * backbone.hidden_size * np.dtype(cache.DTYPES[params.cache_dtype]).itemsize
+    needed = per_token * sum(len(ids) for split in encoded.values() for ids in split.input_ids)
+    cache.check_fits(needed, params.cache, OUTPUT_DIR / "cache")  # all splits, before the first backbone pass
     start, total = time.time(), 0
     for name, split in encoded.items():
         key = cache.cache_key(
