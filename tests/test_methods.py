@@ -112,7 +112,8 @@ def test_make_config_rnn_lists_cells():
 def test_make_config_unknown_key():
     with pytest.raises(ConfigError) as e:
         methods.make_config("read", {"rank": "8"})
-    assert str(e.value) == "unknown hyperparameter 'rank' for method 'read'; allowed: rnn, hidden, dropout, drop_layers"
+    assert str(e.value) == ("unknown hyperparameter 'rank' for method 'read'; "
+                            "allowed: rnn, hidden, dropout, drop_layers, joiner")
     with pytest.raises(ConfigError, match="'rnn' for method 'full'; allowed: dropout"):
         methods.make_config("full", {"rnn": "gru"})
 

@@ -99,7 +99,7 @@ def test_bad_values_name_value_and_choices(overrides, needles):
 
 def test_unknown_key_lists_both_parameter_kinds():
     assert error(foo=3) == (f"unknown parameter 'foo'; run parameters: {RUN_FIELDS}; "
-                            "'read' parameters: rnn, hidden, dropout, drop_layers")
+                            "'read' parameters: rnn, hidden, dropout, drop_layers, joiner")
     # a READ hyperparameter is unknown to full fine-tuning
     assert error(method="full", rnn="gru").endswith("'full' parameters: dropout")
 

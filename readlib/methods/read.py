@@ -60,6 +60,7 @@ from readlib.methods.head import MeanPoolHead
 
 DEFAULT_LR = 1e-3
 CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
+JOINERS = ("paper", "gated")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Config:
     hidden: int = 256  # RNN hidden size d_h; Table 7 final choice: 256
     dropout: float = 0.1  # head dropout (encoder path)
     drop_layers: int = 0  # drop the backbone's last k encoder and decoder layers (Appendix C.2: 4 for T5-large)
+    joiner: str = "paper"  # "paper": Appendix B.1 (eq. 1 reduced); "gated": eq. (18), the paper's future work
 
     def validate(self) -> None:
         from readlib.errors import ConfigError
@@ -80,6 +82,8 @@ class Config:
             raise ConfigError(f"read.dropout must be in [0, 1), got {self.dropout}")
         if self.drop_layers < 0:
             raise ConfigError(f"read.drop_layers must be >= 0, got {self.drop_layers}")
+        if self.joiner not in JOINERS:
+            raise ConfigError(f"read.joiner must be one of: {', '.join(JOINERS)}; got '{self.joiner}'")
 
 
 def _cell_step(kind: str, x: torch.Tensor, state: torch.Tensor, weights, hidden: int) -> torch.Tensor:
@@ -146,6 +150,56 @@ class LayerRNN(nn.Module):
         return LayerRecurrence.apply(self.kind, self.hidden, x, *weights)  # h_N, with h_0 = 0
 
 
+class GatedLayerRNN(nn.Module):
+    """N with the gated joiner of eq. (18), run over the layer axis: [N, tokens, d] -> h_N.
+
+        x_i^α = φ_i^α + Gate(φ_i^α) ⊙ (FFN(h_{i-1}^α) + c_i^α),   h_i^α = N(x_i^α, h_{i-1}^α)
+
+    Gate(φ) = sigmoid(W_g φ + b_g); FFN = Linear(d_h, d_h) -> GELU -> Linear(d_h, d), the last layer
+    zero-initialised so x_i = φ_i at the start, as with the paper's joiner. ``c_i`` is the decoder's
+    cross-attention term Σ_β σ^{αβ} FFN^E(h^E_β) (None in the encoder, where Ψ = 0 as in Appendix B.1, so
+    tokens stay independent). The input now depends on h_{i-1}, so the loop runs under plain autograd.
+    """
+
+    def __init__(self, d_model: int, config: Config):
+        super().__init__()
+        self.kind, self.hidden = config.rnn, config.hidden
+        self.cell = CELLS[config.rnn](d_model, config.hidden)
+        self.gate = nn.Linear(d_model, d_model)
+        self.ffn = feed_forward(config.hidden, d_model)
+
+    def forward(self, phi: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        cell = self.cell
+        weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+        width = 2 * self.hidden if self.kind == "lstm" else self.hidden
+        state = phi.new_zeros(phi.shape[1], width)
+        for i in range(phi.shape[0]):
+            mix = self.ffn(state[:, : self.hidden]) + (0 if context is None else context[i])
+            x = phi[i] + torch.sigmoid(self.gate(phi[i])) * mix  # eq. (18), Φ and Ψ terms
+            state = _cell_step(self.kind, x, state, weights, self.hidden)
+        return state[:, : self.hidden]
+
+
+def feed_forward(hidden: int, d_model: int) -> nn.Sequential:
+    """FFN of eq. (18): d_h -> d_h -> d with GELU; the output layer starts at zero."""
+    ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+    nn.init.zeros_(ffn[2].weight)
+    nn.init.zeros_(ffn[2].bias)
+    return ffn
+
+
+class GatedSideNetwork(GatedLayerRNN):
+    """Encoder-path side network with the gated joiner: corrections W_o h_N [tokens, d]."""
+
+    def __init__(self, d_model: int, config: Config):
+        super().__init__(d_model, config)
+        self.up = nn.Linear(config.hidden, d_model, bias=False)  # W_o
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, phi: torch.Tensor) -> torch.Tensor:
+        return self.up(super().forward(phi))
+
+
 class READSideNetwork(LayerRNN):
     """N^E and W_o: maps stacked layer states φ_1..φ_N [N, tokens, d] to corrections W_o h_N [tokens, d]."""
 
@@ -165,7 +219,8 @@ class READ(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.frozen = backbone.model  # registered so .to(device) moves it; never trained
-        self.side = READSideNetwork(backbone.hidden_size, config)
+        side = GatedSideNetwork if config.joiner == "gated" else READSideNetwork
+        self.side = side(backbone.hidden_size, config)
         self.head = MeanPoolHead(backbone.hidden_size, num_labels, config.dropout)
 
     def train(self, mode: bool = True) -> READ:
@@ -201,9 +256,12 @@ class READSeq2Seq(nn.Module):
         d = backbone.hidden_size
         self.backbone = backbone
         self.frozen = backbone.model  # T5ForConditionalGeneration; never trained
-        self.encoder_rnn = LayerRNN(d, config)  # N^E
-        self.psi = nn.Linear(config.hidden, d, bias=False)  # Ψ, the learnable projection
-        self.decoder_rnn = LayerRNN(d, config)  # N^D
+        self.gated = config.joiner == "gated"
+        rnn = GatedLayerRNN if self.gated else LayerRNN
+        self.encoder_rnn = rnn(d, config)  # N^E
+        # Ψ, the learnable projection; with the gated joiner FFN^E of eq. (18)
+        self.psi = feed_forward(config.hidden, d) if self.gated else nn.Linear(config.hidden, d, bias=False)
+        self.decoder_rnn = rnn(d, config)  # N^D
         self.up = nn.Linear(config.hidden, d, bias=False)  # W_o, zero: start at the frozen model
         nn.init.zeros_(self.up.weight)
 
@@ -236,9 +294,11 @@ class READSeq2Seq(nn.Module):
         proj = h_e.new_zeros(*attention_mask.shape, phi_d.shape[-1])
         proj[attention_mask.bool()] = self.psi(h_e)  # Ψ h^E_{N_E,β}; padding positions have σ = 0
         psi = sigma @ proj  # ψ_j^α = Σ_β σ_{D,j}^{αβ} Ψ h^E_{N_E,β}, for every decoder layer j
-        x = phi_d + psi  # x_j^α = φ_j^α + ψ_j^α (the joiner: plain addition, Appendix B.1)
-        n_layers, batch, n, d = x.shape
-        h_d = self.decoder_rnn(x.reshape(n_layers, batch * n, d))  # h^D_j = N^D(x_j, h^D_{j-1})
+        n_layers, batch, n, d = phi_d.shape
+        if self.gated:  # x_j = φ_j + Gate(φ_j) ⊙ (FFN^D(h^D_{j-1}) + ψ_j), eq. (18)
+            h_d = self.decoder_rnn(phi_d.reshape(n_layers, batch * n, d), psi.reshape(n_layers, batch * n, d))
+        else:  # x_j^α = φ_j^α + ψ_j^α (the joiner: plain addition, Appendix B.1)
+            h_d = self.decoder_rnn((phi_d + psi).reshape(n_layers, batch * n, d))  # h^D_j = N^D(x_j, h^D_{j-1})
         adapted = phi_d[-1] + self.up(h_d).reshape(batch, n, d)  # φ^D'_{N_D} = φ^D_{N_D} + W_o h^D_{N_D}
         return lm_logits(self.frozen, adapted)
 
