@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import randomize
 
 from readlib import backbones, methods
 from readlib.errors import ConfigError
@@ -28,14 +29,6 @@ def t5_tiny():
 def own_copy(backbone):
     """A deep copy, for methods that train the backbone (the shared fixture must stay frozen)."""
     return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
-
-
-def randomize(module, std=0.1, seed=0):
-    """Fresh random weights; on READ's side network this moves W_o off its zero initialisation."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
 def grads_set(model):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import randomize
 from transformers import T5ForConditionalGeneration
 
 from readlib import backbones, methods
@@ -32,14 +33,6 @@ def batch(vocab_lo=1000, vocab_hi=2000):
     dec = torch.randint(vocab_lo, vocab_hi, (2, 3), generator=gen)
     dec[:, 0] = 0  # T5's decoder start is the pad id
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
-
-
-def randomize(module, std=0.1, seed=0):
-    """Fresh random weights; moves W_o off zero so the side network changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
 def read_modules(model):
