@@ -122,22 +122,53 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def build(model, split, n_layers: int, d_model: int, batch_size: int, device: torch.device,
-          mode: str = "memory", dtype: str = "float32", path: Path | None = None,
-          progress: bool = True) -> HiddenStateCache:
-    """Fill a cache for ``split`` (a ``readlib.train.Encoded``) with ``model.features`` — one backbone pass.
+class CacheSet(dict):
+    """Several caches of one split, by name (e.g. encoder states, decoder states, cross-attention)."""
 
-    ``mode`` "disk" keeps the array at ``path`` and reuses it when a complete one is already there.
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.values())
+
+    def gather(self, idx, device: torch.device) -> dict[str, torch.Tensor]:
+        return {name: c.gather(idx, device) for name, c in self.items()}
+
+
+def layout_bytes(layout: dict[str, tuple[list[int], int, int]], dtype: str) -> int:
+    """Bytes a layout {name: (rows per example, layers, width)} takes."""
+    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    return sum(sum(rows) * layers * width * itemsize for rows, layers, width in layout.values())
+
+
+def build_set(model, split, layout: dict[str, tuple[list[int], int, int]], batch_size: int, device: torch.device,
+              mode: str = "memory", dtype: str = "float32", path: Path | None = None,
+              progress: bool = True) -> CacheSet:
+    """Fill one cache per layout entry with ``model.features`` (a dict of [layers, rows, width]) — one pass.
+
+    ``mode`` "disk" keeps each array under ``path`` (``path/<name>`` when there are several) and reuses
+    complete ones.
     """
     if mode not in MODES[1:]:
         raise ConfigError(f"unknown cache mode '{mode}'; choose one of: {', '.join(MODES)}")
-    lengths = [len(ids) for ids in split.input_ids]
-    cache = HiddenStateCache(lengths, n_layers, d_model, dtype, path if mode == "disk" else None)
-    if cache.complete:
-        return cache
+    caches = CacheSet()
+    for name, (rows, layers, width) in layout.items():
+        where = None if mode == "memory" else (path if len(layout) == 1 else path / name)
+        caches[name] = HiddenStateCache(rows, layers, width, dtype, where)
+    if all(c.complete for c in caches.values()):
+        return caches
     batches = [list(range(s, min(s + batch_size, len(split)))) for s in range(0, len(split), batch_size)]
     for idx in tqdm(batches, desc="caching hidden states", leave=False, disable=not progress):
         inputs, _ = split.batch(idx, device)
-        cache.store(idx, model.features(**inputs))
-    cache.finish()
-    return cache
+        features = model.features(**inputs)
+        for name, values in (features if isinstance(features, dict) else {"phi": features}).items():
+            caches[name].store(idx, values)
+    for c in caches.values():
+        c.finish()
+    return caches
+
+
+def build(model, split, n_layers: int, d_model: int, batch_size: int, device: torch.device,
+          mode: str = "memory", dtype: str = "float32", path: Path | None = None,
+          progress: bool = True) -> HiddenStateCache:
+    """The one-array case of ``build_set``: per-token states [N, tokens, d] of every non-padding token."""
+    layout = {"phi": ([len(ids) for ids in split.input_ids], n_layers, d_model)}
+    return build_set(model, split, layout, batch_size, device, mode, dtype, path, progress)["phi"]

@@ -111,6 +111,7 @@ class Encoded:
             labels[row, : len(self.targets[i])] = torch.tensor(self.targets[i])
         decoder_input_ids = torch.cat([torch.full((len(idx), 1), self.pad_id), labels[:, :-1]], 1)
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, self.pad_id).to(device)
+        inputs["decoder_attention_mask"] = (labels != -100).long().to(device)
         return inputs, labels.to(device)
 
 
@@ -118,7 +119,8 @@ def forward(model: nn.Module, split: Encoded, idx, device: torch.device) -> tupl
     """(logits, labels) of examples ``idx``; from the split's hidden-state cache when it has one."""
     inputs, labels = split.batch(idx, device)
     if split.cache is not None:
-        return model.forward_features(split.cache.gather(idx, device), inputs["attention_mask"]), labels
+        masks = {k: v for k, v in inputs.items() if k.endswith("attention_mask")}
+        return model.forward_features(split.cache.gather(idx, device), **masks), labels
     return model(**inputs), labels
 
 
@@ -134,7 +136,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
 @torch.no_grad()
 def greedy_decode(model: nn.Module, inputs: dict, start_id: int, steps: int) -> torch.Tensor:
     """Greedy generation of ``steps`` tokens with any seq2seq method (the model sees the whole prefix)."""
-    inputs = {k: v for k, v in inputs.items() if k != "decoder_input_ids"}
+    inputs = {k: v for k, v in inputs.items() if not k.startswith("decoder_")}
     decoded = torch.full((inputs["input_ids"].shape[0], 1), start_id, device=inputs["input_ids"].device)
     for _ in range(steps):
         next_ids = model(**inputs, decoder_input_ids=decoded)[:, -1].argmax(-1, keepdim=True)
@@ -187,18 +189,26 @@ def build_caches(params: RunParams, model: nn.Module, backbone, encoded: dict[st
         return {"mode": "off"}
     from readlib.report import OUTPUT_DIR
 
-    per_token = backbone.num_layers * backbone.hidden_size * np.dtype(cache.DTYPES[params.cache_dtype]).itemsize
-    needed = per_token * sum(len(ids) for split in encoded.values() for ids in split.input_ids)
+    # text-to-text evaluation generates (the decoder input changes), so only training reads a cache there
+    splits = {name: split for name, split in encoded.items() if name == "train" or not split.text_to_text}
+    layouts = {
+        name: model.cache_layout(split) if hasattr(model, "cache_layout")
+        else {"phi": ([len(ids) for ids in split.input_ids], backbone.num_layers, backbone.hidden_size)}
+        for name, split in splits.items()
+    }
+    needed = sum(cache.layout_bytes(layout, params.cache_dtype) for layout in layouts.values())
     cache.check_fits(needed, params.cache, OUTPUT_DIR / "cache")  # all splits, before the first backbone pass
     start, total = time.time(), 0
-    for name, split in encoded.items():
+    for name, split in splits.items():
         key = cache.cache_key(
             backbone=params.backbone, source=backbone.source, weights_seed=None if backbone.pretrained else params.seed,
             layers=backbone.num_layers, tokenizer=backbone.tokenizer.name_or_path, vocab=len(backbone.tokenizer),
             task=params.task, split=name, data=data_info, max_length=params.max_length, dtype=params.cache_dtype,
+            formulation=backbone.kind,
         )
-        split.cache = cache.build(model, split, backbone.num_layers, backbone.hidden_size, batch_size, device,
-                                  params.cache, params.cache_dtype, OUTPUT_DIR / "cache" / key, progress)
+        caches = cache.build_set(model, split, layouts[name], batch_size, device, params.cache, params.cache_dtype,
+                                 OUTPUT_DIR / "cache" / key, progress)
+        split.cache = caches if len(caches) > 1 else caches["phi"]
         total += split.cache.nbytes
     return {"mode": params.cache, "dtype": params.cache_dtype, "bytes": total, "seconds": time.time() - start}
 

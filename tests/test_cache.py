@@ -2,6 +2,7 @@ import collections
 import types
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -288,7 +289,8 @@ class FakeTokenizer:
 
 
 def fake_backbone(**changes):
-    values = dict(source="bundled:x", pretrained=True, num_layers=6, hidden_size=8, tokenizer=FakeTokenizer())
+    values = dict(source="bundled:x", pretrained=True, num_layers=6, hidden_size=8, tokenizer=FakeTokenizer(),
+                  kind="encoder")
     return types.SimpleNamespace(**(values | changes))
 
 
@@ -302,17 +304,18 @@ def keys_of(tmp_path, monkeypatch):
     monkeypatch.setattr(readlib.report, "OUTPUT_DIR", tmp_path)
     built = []
 
-    def fake_build(model, split, n_layers, d_model, batch_size, device, mode, dtype, path, progress):
+    def fake_build_set(model, split, layout, batch_size, device, mode, dtype, path, progress):
+        (_, n_layers, d_model), = layout.values()
         built.append((split.name, n_layers, d_model, mode, dtype, Path(path)))
-        return types.SimpleNamespace(nbytes=10)
+        return readlib.cache.CacheSet(phi=types.SimpleNamespace(nbytes=10))
 
-    monkeypatch.setattr(readlib.cache, "build", fake_build)
+    monkeypatch.setattr(readlib.cache, "build_set", fake_build_set)
 
     def keys_of(params=None, backbone=None, data_info=DATA_INFO):
         built.clear()
         run = RunParams(task="rte", backbone="minilm", max_length=32, seed=0) if params is None else params
         model = types.SimpleNamespace(forward_features=None)
-        encoded = {name: types.SimpleNamespace(name=name, cache=None, input_ids=[[1, 2]])
+        encoded = {name: types.SimpleNamespace(name=name, cache=None, input_ids=[[1, 2]], text_to_text=False)
                    for name in ("train", "validation", "test")}
         info = build_caches(run, model, fake_backbone(**(backbone or {})), encoded, data_info, 16, CPU, False)
         assert info["mode"] == run.cache and info["bytes"] == 30
@@ -362,7 +365,7 @@ def test_build_caches_key_covers_what_the_states_depend_on(keys_of):
 
 
 def test_build_caches_off_or_unsupported_method_builds_nothing(monkeypatch):
-    monkeypatch.setattr(readlib.cache, "build", lambda *a, **k: pytest.fail("no cache should be built"))
+    monkeypatch.setattr(readlib.cache, "build_set", lambda *a, **k: pytest.fail("no cache should be built"))
     encoded = {"train": types.SimpleNamespace(cache=None)}
     off = RunParams(cache="off")
     assert build_caches(off, types.SimpleNamespace(forward_features=None), fake_backbone(), encoded,
@@ -487,3 +490,33 @@ def test_params_reject_unknown_cache_mode_and_dtype():
         make_params("quick", cache_dtype="int8")
     assert (RunParams().cache, RunParams().cache_dtype) == ("memory", "float32")
     assert make_params("quick", cache="disk", cache_dtype="float16").cache_dtype == "float16"
+
+
+def test_text_to_text_read_trains_from_the_cache_with_the_same_numbers():
+    # encoder states, decoder states and cross-attention scores come from the cache; evaluation
+    # generates, so only the training split is cached
+    runs = {}
+    for mode in ("off", "memory"):
+        runs[mode] = fit(make_params("quick", task="stsb", method="read", backbone="random-t5-tiny", max_train=24,
+                                     max_eval=8, max_epochs=2, patience=2, lr=3e-3, batch_size=8, micro_batch_size=4,
+                                     max_length=32, cache=mode), progress=False)
+    losses = [[row["train_loss"] for row in runs[mode]["history"]] for mode in ("off", "memory")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert runs["off"]["test"] == runs["memory"]["test"]
+    assert runs["memory"]["cache"]["mode"] == "memory" and runs["memory"]["cache"]["bytes"] > 0
+
+
+def test_text_to_text_cache_rows_rebuild_the_backbone_pass():
+    bb = backbones.load("random-t5-tiny")
+    model = methods.build("read", bb, 1)
+    task = data.get_task("rte")
+    rows = {"sentence1": ["a b c d e", "f g"], "sentence2": ["h", "i j k"], "label": [0, 1], "idx": [0, 1]}
+    split = Encoded(datasets.Dataset.from_dict(rows), bb.tokenizer, task, 32, bb.eos_id)
+    store = readlib.cache.build_set(model, split, model.cache_layout(split), 2, CPU, progress=False)
+    assert set(store) == {"phi_e", "phi_d", "sigma"}
+    for order in ([0, 1], [1, 0]):  # gathered in any order, the rows follow the indices
+        inputs, _ = split.batch(order, CPU)
+        masks = {k: v for k, v in inputs.items() if k.endswith("attention_mask")}
+        keep = inputs["decoder_attention_mask"].bool()
+        cached = model.forward_features(store.gather(order, CPU), **masks)[keep]
+        assert torch.allclose(cached, model(**inputs)[keep], atol=1e-6)

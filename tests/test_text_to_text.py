@@ -171,8 +171,9 @@ def test_encoded_text_to_text_sources_and_targets(tokenizer):
 def test_encoded_text_to_text_batch(tokenizer):
     enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=64, eos_id=SEP)
     inputs, labels = enc.batch([0, 1], torch.device("cpu"))
-    assert set(inputs) == {"input_ids", "attention_mask", "decoder_input_ids"}
+    assert set(inputs) == {"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"}
     t0, t1 = enc.targets  # 4 and 6 ids
+    assert inputs["decoder_attention_mask"].tolist() == [[1] * len(t0) + [0, 0], [1] * len(t1)]
     # labels: the target ids, padded with -100 (ignored by the loss)
     assert labels.tolist() == [t0 + [-100, -100], t1]
     # decoder inputs: T5's shift right, [pad] + targets[:-1], with the pad id where labels are -100

@@ -16,9 +16,9 @@ from typing import Any
 from torch import nn
 
 from readlib.errors import ConfigError
-from readlib.methods import full, read
+from readlib.methods import bitfit, full, lora, prompt, read
 
-METHODS: dict[str, types.ModuleType] = {"full": full, "read": read}
+METHODS: dict[str, types.ModuleType] = {"full": full, "read": read, "bitfit": bitfit, "lora": lora, "prompt": prompt}
 
 
 def get_method(name: str) -> types.ModuleType:

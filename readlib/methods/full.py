@@ -42,8 +42,9 @@ class FullFineTuneSeq2Seq(nn.Module):
         super().__init__()
         self.t5 = backbone.model.requires_grad_(True)
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
-        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> torch.Tensor:
+        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                       decoder_attention_mask=decoder_attention_mask).logits
 
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:

@@ -287,9 +287,13 @@ class READSeq2Seq(nn.Module):
         sigma = torch.stack([a.mean(1) for a in out.cross_attentions])
         return phi_e, phi_d, sigma
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> torch.Tensor:
         """LM logits [batch, n, vocab] of the adapted decoder output."""
         phi_e, phi_d, sigma = self.cached_states(input_ids, attention_mask, decoder_input_ids)
+        return self.adapt(phi_e, phi_d, sigma, attention_mask)
+
+    def adapt(self, phi_e, phi_d, sigma, attention_mask) -> torch.Tensor:
+        """Algorithm 1 after the backbone pass: the two RNNs, the joiner, the frozen LM head."""
         h_e = self.encoder_rnn(phi_e)  # h^E_{N_E,β} = N^E over φ^E_1..φ^E_{N_E}, h^E_0 = 0
         proj = h_e.new_zeros(*attention_mask.shape, phi_d.shape[-1])
         proj[attention_mask.bool()] = self.psi(h_e)  # Ψ h^E_{N_E,β}; padding positions have σ = 0
@@ -301,6 +305,38 @@ class READSeq2Seq(nn.Module):
             h_d = self.decoder_rnn((phi_d + psi).reshape(n_layers, batch * n, d))  # h^D_j = N^D(x_j, h^D_{j-1})
         adapted = phi_d[-1] + self.up(h_d).reshape(batch, n, d)  # φ^D'_{N_D} = φ^D_{N_D} + W_o h^D_{N_D}
         return lm_logits(self.frozen, adapted)
+
+    # --- hidden-state cache (readlib.cache): what the backbone pass gives, stored per example ---
+
+    def cache_layout(self, split) -> dict[str, tuple[list[int], int, int]]:
+        """Rows per example, layers and width of φ^E (source tokens), φ^D (target tokens) and σ (pairs)."""
+        source = [len(ids) for ids in split.input_ids]
+        target = [len(ids) for ids in split.targets]
+        n_e, n_d = len(self.frozen.encoder.block), len(self.frozen.decoder.block)
+        d = self.frozen.config.d_model
+        pairs = [m * n for m, n in zip(source, target, strict=True)]
+        return {"phi_e": (source, n_e, d), "phi_d": (target, n_d, d), "sigma": (pairs, n_d, 1)}
+
+    def features(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask) -> dict:
+        """The backbone pass as cache rows: φ^E, φ^D of real tokens, σ of real (target, source) pairs."""
+        phi_e, phi_d, sigma = self.cached_states(input_ids, attention_mask, decoder_input_ids)
+        lengths = zip(attention_mask.sum(1).tolist(), decoder_attention_mask.sum(1).tolist(), strict=True)
+        pairs = [sigma[:, b, :n, :m].reshape(sigma.shape[0], -1) for b, (m, n) in enumerate(lengths)]
+        return {"phi_e": phi_e, "phi_d": phi_d[:, decoder_attention_mask.bool()],
+                "sigma": torch.cat(pairs, 1).unsqueeze(-1)}
+
+    def forward_features(self, features: dict, attention_mask, decoder_attention_mask) -> torch.Tensor:
+        """Logits from cached rows (``features`` as stored); the same numbers as ``forward``."""
+        keep_d = decoder_attention_mask.bool()
+        phi_d = features["phi_d"].new_zeros(features["phi_d"].shape[0], *keep_d.shape, features["phi_d"].shape[-1])
+        phi_d[:, keep_d] = features["phi_d"]
+        sigma = phi_d.new_zeros(phi_d.shape[0], *keep_d.shape, attention_mask.shape[1])
+        start = 0
+        lengths = zip(attention_mask.sum(1).tolist(), decoder_attention_mask.sum(1).tolist(), strict=True)
+        for b, (m, n) in enumerate(lengths):
+            sigma[:, b, :n, :m] = features["sigma"][:, start : start + n * m, 0].reshape(-1, n, m)
+            start += n * m
+        return self.adapt(features["phi_e"], phi_d, sigma, attention_mask)
 
 
 def lm_logits(t5, hidden: torch.Tensor) -> torch.Tensor:

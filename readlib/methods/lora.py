@@ -1,0 +1,66 @@
+"""LoRA (Hu et al. 2021), through ``peft`` — READ's "LoRA" baseline (Section 3.1, Table 1).
+
+Each targeted frozen weight W gets a trainable low-rank update: ``h = W x + (α / r) · B A x`` with
+A [r, d_in] (Kaiming-uniform) and B [d_out, r] (zero), so the adapted model starts exactly at the frozen one.
+Only A and B are trained, plus the shared head on the encoder path; the T5 LM head stays frozen.
+
+Choices:
+
+- Targets: the attention query and value projections W_q, W_v, as in the LoRA paper's GLUE and GPT-3 runs
+  (also peft's default for both families): BERT's ``query``/``value``, T5's ``q``/``v`` — in T5's decoder
+  both self- and cross-attention.
+- Rank: 32, READ Table 7's final choice among {8, 16, 32}.
+- α: defaults to the rank (``alpha = 0`` means α = r), i.e. update scale α/r = 1 at every rank.
+- LoRA dropout: 0.0 (peft's default); the head keeps its own dropout.
+
+``peft.inject_adapter_in_model`` replaces the targeted ``nn.Linear`` modules inside ``backbone.model`` in place
+(as full fine-tuning changes the backbone in place): build each run on a freshly loaded backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from readlib.methods.bitfit import Classifier, Seq2SeqLM
+
+# LoRA is usually run at 1e-4..1e-3 (the LoRA paper's RoBERTa GLUE runs: 4e-4..5e-4; READ Table 8: 1.75e-4).
+DEFAULT_LR = 5e-4
+TARGETS = {"t5": ["q", "v"]}  # by transformers model_type; BERT-like encoders: query, value
+BERT_TARGETS = ["query", "value"]
+
+
+@dataclass
+class Config:
+    rank: int = 32  # r; READ Table 7 candidates {8, 16, 32}, final 32
+    alpha: float = 0.0  # α; 0: α = rank (scale 1)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
+    dropout: float = 0.1  # head dropout (encoder path)
+
+    def validate(self) -> None:
+        from readlib.errors import ConfigError
+
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha < 0:
+            raise ConfigError(f"lora.alpha must be >= 0 (0: alpha = rank), got {self.alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+def build(backbone, num_labels: int, config: Config) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha or config.rank,
+        lora_dropout=config.lora_dropout,
+        target_modules=TARGETS.get(backbone.model.config.model_type, BERT_TARGETS),
+    )
+    inject_adapter_in_model(lora, backbone.model)  # freezes everything but lora_A / lora_B
+    if backbone.kind == "seq2seq":
+        return Seq2SeqLM(backbone)
+    return Classifier(backbone, num_labels, config.dropout)
