@@ -349,7 +349,7 @@ def test_build_caches_key_covers_what_the_states_depend_on(keys_of):
         "split_seed": keys_of(data_info=DATA_INFO | {"split_seed": 7}),
         "subsample_seed": keys_of(data_info=DATA_INFO | {"subsample_seed": 3}),
         "sizes": keys_of(data_info=DATA_INFO | {"sizes_used": {"train": 40, "validation": 24, "test": 24}}),
-        "data source": keys_of(data_info=DATA_INFO | {"source": "/data/glue"}),
+        "data source": keys_of(data_info=DATA_INFO | {"source": "local:elsewhere/glue"}),
     }
     for what, keys in changed.items():
         assert all(keys[s] != base[s] for s in base), what

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from readlib.methods.head import MeanPoolHead
+from readlib.methods.head import MeanPoolHead, check_dropout
 
 # Biases need a larger step than full fine-tuning: the BitFit paper searched 1e-4..1e-3 on BERT, and READ's
 # Table 8 lists 2.83e-3 for BitFit on T5-base. 1e-3 is inside both.
@@ -41,10 +41,7 @@ class Config:
     dropout: float = 0.1  # head dropout (encoder path)
 
     def validate(self) -> None:
-        from readlib.errors import ConfigError
-
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"bitfit.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout("bitfit", self.dropout)
 
 
 def _add_bias(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from readlib.methods.head import MeanPoolHead
+from readlib.methods.head import MeanPoolHead, check_dropout
 
 DEFAULT_LR = 5e-5
 
@@ -17,10 +17,7 @@ class Config:
     dropout: float = 0.1  # head dropout (encoder path)
 
     def validate(self) -> None:
-        from readlib.errors import ConfigError
-
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"full.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout("full", self.dropout)
 
 
 class FullFineTune(nn.Module):

@@ -12,6 +12,14 @@ import torch
 from torch import nn
 
 
+def check_dropout(method: str, value: float, name: str = "dropout") -> None:
+    """ConfigError unless ``value`` is a dropout probability in [0, 1)."""
+    from readlib.errors import ConfigError
+
+    if not 0 <= value < 1:
+        raise ConfigError(f"{method}.{name} must be in [0, 1), got {value}")
+
+
 class MeanPoolHead(nn.Module):
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
         super().__init__()

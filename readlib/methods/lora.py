@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from readlib.methods.bitfit import Classifier, Seq2SeqLM
+from readlib.methods.head import check_dropout
 
 # LoRA is usually run at 1e-4..1e-3 (the LoRA paper's RoBERTa GLUE runs: 4e-4..5e-4; READ Table 8: 1.75e-4).
 DEFAULT_LR = 5e-4
@@ -45,10 +46,8 @@ class Config:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
         if self.alpha < 0:
             raise ConfigError(f"lora.alpha must be >= 0 (0: alpha = rank), got {self.alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout("lora", self.lora_dropout, "lora_dropout")
+        check_dropout("lora", self.dropout)
 
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:

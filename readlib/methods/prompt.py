@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from readlib.methods.head import MeanPoolHead
+from readlib.methods.head import MeanPoolHead, check_dropout
 
 # Prompt tuning needs large steps: READ Table 8 lists 7.5e-4..3e-3 per task, mostly ~3e-3.
 DEFAULT_LR = 3e-3
@@ -45,8 +45,7 @@ class Config:
 
         if self.n_prompts < 1:
             raise ConfigError(f"prompt.n_prompts must be >= 1, got {self.n_prompts}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"prompt.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout("prompt", self.dropout)
 
 
 class PromptTuning(nn.Module):

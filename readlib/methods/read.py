@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from readlib.backbones import drop_last_layers
-from readlib.methods.head import MeanPoolHead
+from readlib.methods.head import MeanPoolHead, check_dropout
 
 DEFAULT_LR = 1e-3
 CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
@@ -78,8 +78,7 @@ class Config:
             raise ConfigError(f"read.rnn must be one of: {', '.join(CELLS)}; got '{self.rnn}'")
         if self.hidden < 1:
             raise ConfigError(f"read.hidden must be >= 1, got {self.hidden}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"read.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout("read", self.dropout)
         if self.drop_layers < 0:
             raise ConfigError(f"read.drop_layers must be >= 0, got {self.drop_layers}")
         if self.joiner not in JOINERS:
