@@ -13,6 +13,6 @@ def minilm():
     """The bundled MiniLM, loaded once for the whole run.
 
     Only hand it to methods that keep the backbone frozen; for full fine-tuning deep-copy it first
-    (``FullFineTune`` switches requires_grad on in the backbone it is given).
+    (full fine-tuning switches requires_grad on in the backbone it is given).
     """
     return backbones.load("minilm")

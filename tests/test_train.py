@@ -230,3 +230,12 @@ def test_encoded_pairs_and_regression(minilm):
     assert types[0].tolist() == enc.token_type_ids[0] + [0] * (ids.shape[1] - n0)
     assert types[1].max() == 1  # the second sentence is segment 1
     assert minilm.tokenizer.decode(ids[0, :n0]) == "[CLS] a man plays. [SEP] someone plays. [SEP]"
+
+
+@pytest.mark.parametrize("method", sorted(readlib.methods.METHODS))
+def test_every_method_trains_text_to_text_through_fit(method):
+    # the train loop hands seq2seq models decoder_input_ids and decoder_attention_mask
+    r = fit(make_params("quick", task="rte", method=method, backbone="random-t5-tiny", max_train=8, max_eval=4,
+                        max_epochs=1, batch_size=4, micro_batch_size=4, max_length=24), progress=False)
+    assert r["status"] == "ok" and r["formulation"] == "text-to-text" and r["epochs_run"] == 1
+    assert 0 < r["trainable_params"] < r["total_params"] or method == "full"

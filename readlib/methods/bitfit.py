@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from readlib.methods.head import MeanPoolHead, check_dropout
+from readlib.methods.head import Classifier, Seq2SeqLM, check_dropout
 
 # Biases need a larger step than full fine-tuning: the BitFit paper searched 1e-4..1e-3 on BERT, and READ's
 # Table 8 lists 2.83e-3 for BitFit on T5-base. 1e-3 is inside both.
@@ -59,31 +59,6 @@ def add_t5_biases(model: nn.Module) -> None:
             elif isinstance(module, T5LayerNorm) and "bias" not in module._parameters:
                 module.bias = nn.Parameter(torch.zeros_like(module.weight))
                 module.register_forward_hook(_add_bias)
-
-
-class Classifier(nn.Module):
-    """A backbone adapted in place (BitFit, LoRA) under the shared head: logits [batch, num_labels]."""
-
-    def __init__(self, backbone, num_labels: int, dropout: float):
-        super().__init__()
-        self.backbone = backbone
-        self.encoder = backbone.model
-        self.head = MeanPoolHead(backbone.hidden_size, num_labels, dropout)
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        hidden = self.backbone.last_hidden_state(input_ids, attention_mask, token_type_ids)
-        return self.head(hidden, attention_mask)
-
-
-class Seq2SeqLM(nn.Module):
-    """A T5 adapted in place (BitFit, LoRA), text-to-text: LM logits [batch, n, vocab]."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.t5 = backbone.model
-
-    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
-        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
 
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:

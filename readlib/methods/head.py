@@ -1,4 +1,4 @@
-"""The task head shared by every method on the encoder path.
+"""The task head shared by every method on the encoder path, and the wrappers of an adapted backbone.
 
 READ and its baselines are evaluated text-to-text on T5 in the paper; on an encoder we need a head.
 Every method gets the same one so that only the adaptation differs: masked mean pooling over the
@@ -31,3 +31,29 @@ class MeanPoolHead(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return self.out(self.dropout(pooled))
+
+
+class Classifier(nn.Module):
+    """A backbone trained or adapted in place (full, BitFit, LoRA) under the shared head: [batch, num_labels]."""
+
+    def __init__(self, backbone, num_labels: int, dropout: float):
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = backbone.model
+        self.head = MeanPoolHead(backbone.hidden_size, num_labels, dropout)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        hidden = self.backbone.last_hidden_state(input_ids, attention_mask, token_type_ids)
+        return self.head(hidden, attention_mask)
+
+
+class Seq2SeqLM(nn.Module):
+    """A T5 trained or adapted in place (full, BitFit, LoRA), text-to-text: LM logits [batch, n, vocab]."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.t5 = backbone.model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> torch.Tensor:
+        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                       decoder_attention_mask=decoder_attention_mask).logits

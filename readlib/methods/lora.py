@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from readlib.methods.bitfit import Classifier, Seq2SeqLM
-from readlib.methods.head import check_dropout
+from readlib.methods.head import Classifier, Seq2SeqLM, check_dropout
 
 # LoRA is usually run at 1e-4..1e-3 (the LoRA paper's RoBERTa GLUE runs: 4e-4..5e-4; READ Table 8: 1.75e-4).
 DEFAULT_LR = 5e-4

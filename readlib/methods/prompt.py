@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from readlib.methods.head import MeanPoolHead, check_dropout
+from readlib.methods.head import MeanPoolHead, Seq2SeqLM, check_dropout
 
 # Prompt tuning needs large steps: READ Table 8 lists 7.5e-4..3e-3 per task, mostly ~3e-3.
 DEFAULT_LR = 3e-3
@@ -71,11 +71,11 @@ class PromptTuning(nn.Module):
         return self.head(out.last_hidden_state[:, n:], attention_mask)
 
 
-class PromptTuningSeq2Seq(nn.Module):
+class PromptTuningSeq2Seq(Seq2SeqLM):
     """T5 text-to-text through peft: LM logits [batch, n, vocab]."""
 
     def __init__(self, backbone, config: Config):
-        super().__init__()
+        nn.Module.__init__(self)
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
         peft_config = PromptTuningConfig(
@@ -85,9 +85,6 @@ class PromptTuningSeq2Seq(nn.Module):
             prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
         )
         self.t5 = get_peft_model(backbone.model, peft_config)
-
-    def forward(self, input_ids, attention_mask, decoder_input_ids) -> torch.Tensor:
-        return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
 
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:
