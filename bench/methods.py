@@ -1,0 +1,141 @@
+"""Every fine-tuning method on the same batch, measured side by side in one run, as ratios to full fine-tuning.
+
+    python bench/methods.py                                          # MiniLM, batch 32 x 128 tokens, every method
+    python bench/methods.py --methods full,read,read:hidden=128      # chosen variants (method:key=value,...)
+    python bench/methods.py --backbone random-t5-base --batch 8 --seq 128 --target 4 --repeats 3 \\
+        --methods full,read,read:hidden=128
+
+For each variant: the median train-step time (forward + backward + AdamW step, seconds), the bytes autograd
+saves for backward (stored activations, ``readlib.costs.SavedTensorMeter``; parameters excluded) and the
+trainable parameters, each also divided by full fine-tuning's. All variants see the same random batch of
+full-length sequences; their steps are interleaved so machine noise hits them alike. The table is also
+written to ``outputs/tables/bench_methods_<backbone>_<batch>x<seq>.csv``.
+
+Without ``--methods``: every registered method at its defaults, plus READ GRU/128 (on MiniLM, 128/384 is the
+RNN-to-model width ratio of the paper's GRU/256 on T5-base), selective fine-tuning at k = 4 and 64 and with
+LoRA (rank 32). A variant that does not apply to the backbone (e.g. selective fine-tuning on a T5
+encoder–decoder) is listed with its reason. T5 backbones run text-to-text with ``--target`` decoder tokens;
+``random-t5-*`` are the real architectures with random weights (time and memory depend only on shapes).
+
+Targets: READ on MiniLM time <= 0.4 and bytes <= 0.2 (issue "Foundation"); READ on T5-base time <= 0.5 and
+bytes <= 0.1 (issue "READ complete"); selective (k = 16) bytes <= 0.25 and LST bytes <= 0.3 (issue "baselines").
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pandas as pd
+import torch
+
+from readlib import backbones, methods
+from readlib.costs import SavedTensorMeter
+from readlib.errors import ConfigError
+from readlib.report import OUTPUT_DIR
+from readlib.train import task_loss
+
+EXTRA_VARIANTS = ["read:hidden=128", "selective:k=4", "selective:k=64", "selective:lora_rank=32"]
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """'method:key=value,key=value' -> (method, {key: value}); values stay strings (the registry converts them)."""
+    name, _, rest = spec.partition(":")
+    args = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"bad variant '{spec}': use method:key=value,...")
+        args[key] = value
+    methods.make_config(name, args)  # unknown method or hyperparameter: fail before any model is built
+    return name, args
+
+
+def default_variants() -> list[str]:
+    return list(methods.METHODS) + [v for v in EXTRA_VARIANTS if v.partition(":")[0] in methods.METHODS]
+
+
+def make_step(model: torch.nn.Module, batch: dict, labels: torch.Tensor):
+    """A closure running one training step; returns the bytes saved for backward during it."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> int:
+        optimizer.zero_grad(set_to_none=True)
+        with SavedTensorMeter(model) as meter:
+            loss = task_loss(model(**batch), labels, regression=False)
+        loss.backward()
+        optimizer.step()
+        return meter.bytes
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128, help="source tokens per example")
+    parser.add_argument("--target", type=int, default=4, help="decoder tokens per example (T5 only)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", default="", help="comma-separated variants; default: all (see above)")
+    args = parser.parse_args()
+    specs = args.methods.split(",") if args.methods else default_variants()
+    specs = ["full"] + [s for s in specs if s != "full"]  # the reference of every ratio
+    variants = {spec: parse_variant(spec) for spec in specs}
+
+    torch.manual_seed(0)
+    probe = backbones.load(args.backbone)
+    batch = {
+        "input_ids": torch.randint(1000, probe.tokenizer.vocab_size, (args.batch, args.seq)),
+        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+    }
+    labels = torch.randint(0, 2, (args.batch,))
+    if probe.kind == "seq2seq":
+        labels = torch.randint(1000, probe.tokenizer.vocab_size, (args.batch, args.target))
+        batch["decoder_input_ids"] = torch.cat([torch.zeros(args.batch, 1, dtype=torch.long), labels[:, :-1]], 1)
+    del probe
+    steps, rows, skipped = {}, {}, {}
+    for spec, (method, hparams) in variants.items():  # a fresh backbone each: several methods change it in place
+        try:
+            model = methods.build(method, backbones.load(args.backbone), 2, hparams).train()
+        except ConfigError as err:
+            skipped[spec] = str(err)
+            continue
+        steps[spec] = make_step(model, batch, labels)
+        trainable, _ = methods.count_parameters(model)
+        rows[spec] = {"variant": spec, "trainable_params": trainable, "saved_bytes": steps[spec](), "times": []}
+    for _ in range(args.repeats):  # the warm-up step above also gave the byte count (the same every step)
+        for spec, step in steps.items():
+            start = time.perf_counter()
+            step()
+            rows[spec]["times"].append(time.perf_counter() - start)
+
+    full = rows["full"]
+    full_time = statistics.median(full["times"])
+    table = pd.DataFrame([
+        {
+            "variant": row["variant"],
+            "step_s": statistics.median(row["times"]),
+            "step_vs_full": statistics.median(row["times"]) / full_time,
+            "saved_MiB": row["saved_bytes"] / 2**20,
+            "saved_vs_full": row["saved_bytes"] / full["saved_bytes"],
+            "trainable_params": row["trainable_params"],
+            "params_vs_full": row["trainable_params"] / full["trainable_params"],
+        }
+        for row in rows.values()
+    ])
+    shape = f"batch {args.batch} x {args.seq} tokens" + (f" -> {args.target}" if "decoder_input_ids" in batch else "")
+    print(f"{args.backbone}, {shape}, {torch.get_num_threads()} CPU threads, median of {args.repeats} steps")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    for spec, reason in skipped.items():
+        print(f"{spec}: not applicable: {reason}")
+    out = OUTPUT_DIR / "tables" / f"bench_methods_{args.backbone}_{args.batch}x{args.seq}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.assign(backbone=args.backbone, batch=args.batch, seq=args.seq, threads=torch.get_num_threads()).to_csv(
+        out, index=False)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

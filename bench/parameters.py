@@ -1,0 +1,56 @@
+"""Trainable parameters per method on the T5 architectures, next to READ's Table 1 / Table 4 figures.
+
+    python bench/parameters.py                                     # T5-base
+    python bench/parameters.py --backbones random-t5-small,random-t5-base,random-t5-large,random-t5-3b
+
+Models are built on PyTorch's meta device (shapes only), each method at its defaults (READ Table 7's final
+architectures: READ GRU/256, Adapter 64, LoRA 32, prompt 20, LST side dim 96), text-to-text as in the paper.
+"Percent" uses the paper's denominator: the backbone with its tied LM head counted a second time (247.58 M
+for T5-base, Table 4). Written to ``outputs/tables/parameters.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+
+from readlib import methods
+from readlib.costs import trainable_parameters
+from readlib.errors import ConfigError
+from readlib.report import OUTPUT_DIR
+
+# READ Table 1 (trainable params %, T5-base) and Table 4 (millions / %); None where the paper gives none.
+PAPER_T5_BASE = {
+    "full": (247.58, 100.0), "adapter": (None, 0.96), "lora": (None, 0.48), "bitfit": (None, 0.06),
+    "prompt": (None, 0.01), "read": (1.97, 0.80), "lst": (5.04, 2.00),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default="random-t5-base")
+    args = parser.parse_args()
+    rows = []
+    for backbone in args.backbones.split(","):
+        for method in methods.METHODS:
+            try:
+                counts = trainable_parameters(method, backbone)
+            except ConfigError as err:
+                print(f"{method} on {backbone}: not applicable: {err}")
+                continue
+            trainable = counts["backbone"] if method == "full" else counts["trainable"]  # paper: untied count
+            paper = PAPER_T5_BASE.get(method, (None, None)) if backbone == "random-t5-base" else (None, None)
+            rows.append({"backbone": backbone, "method": method, "trainable_M": trainable / 1e6,
+                         "percent": 100 * trainable / counts["backbone"],
+                         "paper_M": paper[0], "paper_percent": paper[1]})
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
+    out = OUTPUT_DIR / "tables" / "parameters.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The paper's learning-rate search and seed protocol as Optuna studies; the study storage is the results store.
+
+READ Section 3.3 / Appendix C.3: for each task and method, search the learning rate on a log scale in
+[1e-6, 3e-3] for up to 32 rounds (each run early-stopped on the validation score), take the learning rate
+of the best validation run, run it with 3 seeds, and report the test scores of those runs (mean over seeds,
+Table 1's caption). Here:
+
+- One *search* study per (task, method, method hyperparameters, backbone, profile, run overrides): trial
+  ``i`` trains with seed 0 and ``lr ~ log-uniform[1e-6, 3e-3]`` drawn by Optuna's TPE sampler (Bayesian;
+  its first 10 draws are random); optional median pruning on the per-epoch validation score. A
+  *seeds* study (same name + ``|seeds``) holds the re-runs of the best learning rate with seeds 1..S-1;
+  seed 0 is the search trial itself.
+- Every finished run's full result record (``readlib.train.fit``) is stored as the trial's user attribute
+  ``record`` — tables are built from the storage only. SQLite under ``outputs/`` by default; any SQLAlchemy
+  URL (PostgreSQL, MySQL) for many machines.
+- Resumable and distributed: a worker (``python -m readlib worker``) repeatedly takes the next unit of work
+  from the storage and stops when the study is done, so N workers with the same command share the work and
+  a re-started worker continues where the killed one stopped. Each running trial writes a heartbeat; a trial
+  whose heartbeat is older than ``2 x heartbeat + 10`` seconds was killed: it is marked FAIL and a copy with
+  the same parameters is queued (Optuna's ``RetryHeartbeatStaleTrialCallback``), so the interrupted run is redone
+  and finished ones never are. A trial becomes COMPLETE only after its record is stored; tables read COMPLETE
+  trials only, so a killed trial's partial state is never read as a result.
+
+Concurrent workers may each start a search trial when one is left, so a study can end with up to N - 1
+more than ``lr_rounds`` search trials; all of them count (the best validation run wins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from readlib import data
+from readlib.errors import ConfigError
+from readlib.params import make_params
+
+LR_RANGE = (1e-6, 3e-3)  # READ Section 3.3
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
+
+
+def default_storage() -> str:
+    from readlib.report import OUTPUT_DIR
+
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{OUTPUT_DIR / 'studies.db'}"
+
+
+@dataclass
+class SweepSpec:
+    """One (task, method) experiment: its run parameters and the size of the search."""
+
+    task: str
+    method: str
+    profile: str = "default"
+    backbone: str | None = None  # None: the profile's backbone
+    method_args: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # other run parameters (max_epochs, max_train, ...)
+    lr_rounds: int = 32
+    seeds: int = 3
+    prune: bool = False
+
+    def params(self, lr: float, seed: int):
+        return make_params(self.profile, task=self.task, method=self.method, backbone=self.backbone,
+                           method_args=self.method_args, lr=lr, seed=seed, **self.overrides)
+
+    def check(self) -> None:
+        """Every input problem (parameters, missing data) as ConfigError/DataNotFoundError, before any model."""
+        if self.lr_rounds < 1:
+            raise ConfigError(f"lr_rounds must be >= 1, got {self.lr_rounds}")
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
+        params = self.params(LR_RANGE[0], 0)
+        data.check_available(params.task, params.data_dir)
+
+    @property
+    def name(self) -> str:
+        """The search study's name: everything that changes a run's result, and nothing else."""
+        params = self.params(LR_RANGE[0], 0)
+        fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("lr", "seed", "device")}
+        return "|".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(fixed.items()))
+
+
+def storage(url: str | None = None, heartbeat: float = 30.0) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats (killed trials are detected and retried); SQLite under outputs/ by default."""
+    url = url or default_storage()
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=kwargs, heartbeat_interval=max(1, round(heartbeat)),
+        grace_period=2 * max(1, round(heartbeat)) + 10,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+    )
+
+
+def _study(spec: SweepSpec, store, suffix: str = "", sampler_seed: int = 0) -> optuna.Study:
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if spec.prune else None
+    return optuna.create_study(
+        study_name=spec.name + suffix, storage=store, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True), pruner=pruner,
+    )
+
+
+def _consumed(trial: optuna.trial.FrozenTrial) -> bool:
+    """A unit of the search that is done or being done (a killed trial is replaced by its queued retry)."""
+    return trial.state in FINISHED + ACTIVE or (trial.state == TrialState.FAIL and "record" in trial.user_attrs)
+
+
+def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None) -> Callable[[optuna.Trial], float]:
+    """Search trials (``best_lr`` None) draw the learning rate; seed runs get it and the seed from the queue."""
+    from readlib.train import fit
+
+    phase = "search" if best_lr is None else "seeds"
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", *LR_RANGE, log=True)
+        seed = trial.suggest_int("seed", 0, max(spec.seeds - 1, 0)) if best_lr is not None else 0
+        if best_lr is not None and lr != best_lr:  # drawn, not queued: another worker took the last seed run
+            raise optuna.TrialPruned("no seed run left")
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+
+        def on_epoch(row: dict) -> None:
+            if phase == "search" and spec.prune:
+                trial.report(row["val_score"], row["epoch"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {row['epoch']}")
+
+        record = json.loads(json.dumps(fit(spec.params(lr, seed), progress=progress, on_epoch=on_epoch), default=float))
+        record["sweep"] = {"study": spec.name, "phase": phase, "trial": trial.number}
+        trial.set_user_attr("record", record)
+        score = (record["validation"] or {}).get("score")
+        return float("nan") if score is None else score  # NaN: Optuna marks the trial FAIL (record kept)
+
+    return objective
+
+
+def _run_one(study: optuna.Study, objective, on_trial: Callable[[str], None] | None, label: str) -> None:
+    study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True)
+    if on_trial is not None:
+        on_trial(label)
+
+
+def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: float = 30.0, progress: bool = False,
+               on_trial: Callable[[str], None] | None = None) -> int:
+    """Work on ``spec`` until its search and seed runs are all finished; return the number of trials run here.
+
+    Safe to run in many processes on one storage at once, and to re-run after a crash (module docstring).
+    ``on_trial`` is called with a short label after each trial this worker finishes.
+    """
+    spec.check()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retry
+    store = storage(storage_url, heartbeat)
+    ran = 0
+    while True:
+        search = _study(spec, store)
+        optuna.storages.fail_stale_trials(search)  # killed workers' trials -> FAIL + a queued retry
+        trials = search.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if waiting or sum(map(_consumed, trials)) < spec.lr_rounds:
+            study = _study(spec, store, sampler_seed=len(trials))  # a fresh draw per trial, reproducible alone
+            _run_one(study, _objective(spec, progress), on_trial, f"search {len(trials) + 1}")
+            ran += 1
+            continue
+        if any(t.state == TrialState.RUNNING for t in trials):  # another worker's (or a stale) search trial
+            time.sleep(heartbeat)
+            continue
+        best = best_trial(search)
+        if best is None or spec.seeds == 1:
+            return ran
+        seeds = _study(spec, store, "|seeds")
+        optuna.storages.fail_stale_trials(seeds)
+        for seed in range(1, spec.seeds):
+            seeds.enqueue_trial({"lr": best.params["lr"], "seed": seed}, skip_if_exists=True)
+        states = [t.state for t in seeds.get_trials(deepcopy=False)  # queued trials keep their params aside
+                  if t.system_attrs.get("fixed_params", t.params).get("lr") == best.params["lr"]]
+        if TrialState.WAITING in states:
+            _run_one(seeds, _objective(spec, progress, best.params["lr"]), on_trial, "seed run")
+            ran += 1
+        elif TrialState.RUNNING in states:
+            time.sleep(heartbeat)
+        else:
+            return ran
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The search trial with the best validation score (COMPLETE trials only), or None."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if math.isfinite(t.value)]
+    return max(done, key=lambda t: (t.value, -t.number)) if done else None
+
+
+def records(spec: SweepSpec, storage_url: str | None = None) -> list[dict]:
+    """Every finished run's record of ``spec`` (search and seed phases), read from the storage."""
+    store = storage(storage_url)
+    out = []
+    for suffix in ("", "|seeds"):
+        try:
+            study = optuna.load_study(study_name=spec.name + suffix, storage=store)
+        except KeyError:
+            continue
+        out += [t.user_attrs["record"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return out
+
+
+def summary(spec: SweepSpec, storage_url: str | None = None) -> dict | None:
+    """The protocol's result for ``spec``: best learning rate, its validation score, and the test score of
+    each seed run at that learning rate (mean and standard deviation over seeds); None before any run finished."""
+    runs = records(spec, storage_url)
+    search = [r for r in runs if r["sweep"]["phase"] == "search" and r["validation"]]
+    if not search:
+        return None
+    best = max(search, key=lambda r: (r["validation"]["score"], -r["sweep"]["trial"]))
+    by_seed = {0: best}
+    for r in runs:  # one run per seed: the first finished one (a raced duplicate is ignored)
+        if r["sweep"]["phase"] == "seeds" and r["lr"] == best["lr"] and r["test"]:
+            by_seed.setdefault(r["seed"], r)
+    tests = [r["test"]["score"] for _, r in sorted(by_seed.items())]
+    return {
+        "task": spec.task, "method": spec.method, "method_args": best["method_args"], "lr": best["lr"],
+        "validation": best["validation"]["score"], "test_mean": statistics.fmean(tests),
+        "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(by_seed),
+        "test_by_seed": tests, "search_runs": len(search), "record": best,
+    }
