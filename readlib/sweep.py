@@ -16,7 +16,7 @@ Table 1's caption). Here:
 - Resumable and distributed: a worker (``python -m readlib worker``) repeatedly takes the next unit of work
   from the storage and stops when the study is done, so N workers with the same command share the work and
   a re-started worker continues where the killed one stopped. Each running trial writes a heartbeat; a trial
-  whose heartbeat is older than ``2 x heartbeat + 10`` seconds was killed: it is marked FAIL and a copy with
+  whose heartbeat is older than ``3 x heartbeat + 2`` seconds was killed: it is marked FAIL and a copy with
   the same parameters is queued (Optuna's ``RetryHeartbeatStaleTrialCallback``), so the interrupted run is redone
   and finished ones never are. A trial becomes COMPLETE only after its record is stored; tables read COMPLETE
   trials only, so a killed trial's partial state is never read as a result.
@@ -89,27 +89,42 @@ class SweepSpec:
     def name(self) -> str:
         """The search study's name: everything that changes a run's result, and nothing else."""
         params = self.params(LR_RANGE[0], 0)
-        fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("lr", "seed", "device")}
+        fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("lr", "seed", "device", "cache")}
         return "|".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(fixed.items()))
 
 
-def storage(url: str | None = None, heartbeat: float = 30.0) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats (killed trials are detected and retried); SQLite under outputs/ by default."""
+def storage(url: str | None = None, heartbeat: int = 30) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats every ``heartbeat`` seconds (killed trials are detected and retried);
+    SQLite under outputs/ by default."""
+    if heartbeat < 1:
+        raise ConfigError(f"heartbeat must be >= 1 second, got {heartbeat}")
     url = url or default_storage()
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=kwargs, heartbeat_interval=max(1, round(heartbeat)),
-        grace_period=2 * max(1, round(heartbeat)) + 10,
+    return _retried(lambda: optuna.storages.RDBStorage(
+        url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=3 * heartbeat + 2,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-    )
+    ))
+
+
+def _retried(make: Callable[[], Any], attempts: int = 5) -> Any:
+    """``make()``, retried when workers starting together race to create the same tables or study."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return make()
+        except (SQLAlchemyError, optuna.exceptions.DuplicatedStudyError):
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
 
 
 def _study(spec: SweepSpec, store, suffix: str = "", sampler_seed: int = 0) -> optuna.Study:
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if spec.prune else None
-    return optuna.create_study(
+    return _retried(lambda: optuna.create_study(
         study_name=spec.name + suffix, storage=store, direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True), pruner=pruner,
-    )
+    ))
 
 
 def _consumed(trial: optuna.trial.FrozenTrial) -> bool:
@@ -151,7 +166,7 @@ def _run_one(study: optuna.Study, objective, on_trial: Callable[[str], None] | N
         on_trial(label)
 
 
-def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: float = 30.0, progress: bool = False,
+def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int = 30, progress: bool = False,
                on_trial: Callable[[str], None] | None = None) -> int:
     """Work on ``spec`` until its search and seed runs are all finished; return the number of trials run here.
 
