@@ -105,10 +105,21 @@ def load_profile(profile: str) -> dict[str, Any]:
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     values = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text()) or {}
+    values.pop("sweep", None)  # the sweep's own settings, see load_sweep
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"params/{profile}.yaml: unknown field(s) {unknown}; allowed: {sorted(FIELDS)}")
     return values
+
+
+def load_sweep(profile: str) -> dict[str, int]:
+    """The profile's learning-rate search size: ``lr_rounds`` (search trials) and ``seeds`` (runs of the best lr)."""
+    load_profile(profile)  # unknown profile: the usual error
+    values = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text()) or {}
+    sweep = {"lr_rounds": 32, "seeds": 3} | (values.get("sweep") or {})  # READ Section 3.3 unless the profile says
+    if set(sweep) != {"lr_rounds", "seeds"} or not all(isinstance(v, int) and v >= 1 for v in sweep.values()):
+        raise ConfigError(f"params/{profile}.yaml: sweep must be {{lr_rounds: int >= 1, seeds: int >= 1}}, got {sweep}")
+    return sweep
 
 
 def make_params(profile: str = "default", **overrides: Any) -> RunParams:

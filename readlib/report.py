@@ -69,3 +69,77 @@ def result_table(record: dict) -> pd.DataFrame:
             "majority class, test": record["majority_baseline"]["test"]}
     table = pd.DataFrame({k: v for k, v in rows.items() if v is not None}).T
     return table.drop(columns=["prediction"], errors="ignore")
+
+
+# READ Table 1 (T5-base; test scores in %, 3 seeds; trainable params %, peak training memory GB, energy kWh) and
+# Table 3 (LST vs READ). Keys are our method names; tasks as in readlib.data.PAPER_TASKS.
+_T1_TASKS = ("cola", "mnli", "qnli", "mrpc", "qqp", "sst2", "stsb")
+PAPER_TABLE1 = {
+    method: dict(zip(("params_pct", "memory_gb", "energy_kwh", *_T1_TASKS, "avg"), values, strict=True))
+    for method, values in {
+        "full": (100, 0.77, 12.52, 53.97, 86.17, 90.87, 86.88, 89.71, 92.89, 88.19, 84.52),
+        "adapter": (0.96, 0.50, 6.99, 52.56, 85.68, 92.89, 87.84, 88.95, 93.12, 87.51, 85.04),
+        "lora": (0.48, 0.68, 10.58, 51.70, 85.20, 92.72, 88.07, 88.92, 93.46, 86.97, 84.89),
+        "bitfit": (0.06, 0.47, 7.68, 50.92, 85.28, 92.58, 86.32, 88.70, 94.15, 86.94, 84.43),
+        "prompt": (0.01, 0.50, 6.45, 42.71, 79.38, 91.73, 86.04, 88.74, 93.12, 84.96, 82.38),
+        "read": (0.80, 0.43, 2.06, 52.59, 85.25, 92.93, 87.09, 89.10, 93.80, 87.77, 84.97),
+    }.items()
+}
+PAPER_TABLE3 = {
+    method: dict(zip((*_T1_TASKS, "avg"), values, strict=True))
+    for method, values in {
+        "full": (53.97, 86.17, 90.87, 86.88, 89.71, 92.89, 88.19, 84.52),
+        "lst": (53.38, 84.53, 92.43, 87.38, 88.31, 92.09, 87.37, 84.58),
+        "read": (52.59, 85.25, 92.93, 87.09, 89.10, 93.80, 87.77, 84.97),
+    }.items()
+}
+
+
+def glue_table(summaries: list[dict], methods: list[str], tasks: tuple[str, ...] = _T1_TASKS,
+               paper: dict[str, dict] | None = None) -> pd.DataFrame:
+    """Methods x tasks test scores in % (mean over seeds, as the paper prints them), the average, trainable %.
+
+    ``summaries`` are ``readlib.sweep.summary`` results. A task without a result is missing (NaN), never 0;
+    the average is given only when every task has a result. With ``paper`` (PAPER_TABLE1/3), each method
+    gets a second row with the paper's numbers (source column "paper").
+    """
+    from readlib.metrics import glue_average
+
+    found = {(s["method"], s["task"]): s for s in summaries}
+    rows = []
+    for method in methods:
+        scores = {t: 100 * found[method, t]["test_mean"] for t in tasks if (method, t) in found}
+        any_run = next((found[method, t] for t in tasks if (method, t) in found), None)
+        row = {"method": method, "source": "ours", **{t: scores.get(t, float("nan")) for t in tasks}}
+        row["avg"] = glue_average(scores, tasks) if len(scores) == len(tasks) else float("nan")
+        row["params_pct"] = any_run["record"]["trainable_percent"] if any_run else float("nan")
+        rows.append(row)
+        if paper is not None and method in paper:
+            rows.append({"method": method, "source": "paper", **{k: paper[method].get(k, float("nan"))
+                                                                  for k in (*tasks, "avg", "params_pct")}})
+    return pd.DataFrame(rows, columns=["method", "source", *tasks, "avg", "params_pct"])
+
+
+def write_table(table: pd.DataFrame, name: str, caption: str) -> dict[str, Path]:
+    """``outputs/tables/<name>.{csv,md,tex}``; missing values print as "–" (Markdown/LaTeX) or empty (CSV)."""
+    folder = OUTPUT_DIR / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {ext: folder / f"{name}.{ext}" for ext in ("csv", "md", "tex")}
+    table.to_csv(paths["csv"], index=False, float_format="%.4g")
+    shown = table.map(lambda v: "–" if isinstance(v, float) and v != v else (f"{v:.2f}" if isinstance(v, float) else v))
+    paths["md"].write_text(f"{caption}\n\n{shown.to_markdown(index=False)}\n")
+    paths["tex"].write_text(shown.to_latex(index=False, caption=caption, label=f"tab:{name}") + "\n")
+    return paths
+
+
+def lr_search_figure(records: list[dict]) -> Figure:
+    """Validation score vs learning rate of every search trial, one colour per method."""
+    runs = pd.DataFrame([{"method": r["method"], "lr": r["lr"], "val": r["validation"]["score"]}
+                         for r in records if r["sweep"]["phase"] == "search" and r["validation"]])
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    if not runs.empty:
+        sns.scatterplot(runs, x="lr", y="val", hue="method", style="method", s=60, ax=ax)
+    ax.set(xscale="log", xlabel="learning rate (per step)", ylabel="best validation score (fraction)",
+           title="learning-rate search")
+    return fig

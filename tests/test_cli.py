@@ -53,7 +53,7 @@ def test_unparsable_number_is_one_line():
 def test_unknown_command(args):
     proc, _ = cli(*args)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "usage: python -m readlib {train,splits} [options]"
+    assert proc.stderr.strip() == "usage: python -m readlib {train,worker,splits} [options]"
 
 
 def test_quick_train_run():
@@ -88,3 +88,17 @@ def test_splits_table():
     qnli = lines[3].split()
     assert qnli[1:4] == ["103743", "1000", "5463"]  # the Section 3.2 recipe
     assert "False" in qnli  # Table 5 took QNLI's train differently
+
+
+@pytest.mark.parametrize("args, needles", [
+    pytest.param(["--method", "read"], ["worker needs --task"], id="no-task"),
+    pytest.param(["--task", "qqq"], ["unknown task 'qqq'"], id="task"),
+    pytest.param(["--task", "rte", "--method", "read,nope"], ["unknown method 'nope'"], id="method"),
+    pytest.param(["--task", "rte", "--method", "read,lora", "--rank", "8"], ["need a single --method"], id="args"),
+    pytest.param(["--task", "rte", "--lr_rounds", "0"], ["lr_rounds must be >= 1"], id="rounds"),
+    pytest.param(["--task", "rte", "--method", "read", "--heartbeat", "0"], ["heartbeat must be >= 1"], id="heartbeat"),
+])
+def test_worker_bad_input_is_one_line_before_any_model(args, needles):
+    proc, _ = cli("worker", *args)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert all(n in proc.stderr for n in needles), proc.stderr
