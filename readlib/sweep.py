@@ -88,8 +88,11 @@ class SweepSpec:
     @property
     def name(self) -> str:
         """The search study's name: everything that changes a run's result, and nothing else."""
+        from readlib import methods
+
         params = self.params(LR_RANGE[0], 0)
         fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("lr", "seed", "device", "cache")}
+        fixed["method_args"] = dataclasses.asdict(methods.make_config(self.method, self.method_args))  # defaults spelt out
         return "|".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(fixed.items()))
 
 
@@ -247,3 +250,35 @@ def summary(spec: SweepSpec, storage_url: str | None = None) -> dict | None:
         "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(by_seed),
         "test_by_seed": tests, "search_runs": len(search), "record": best,
     }
+
+
+# READ Table 7: architecture candidates per method, the paper's final choice first (our defaults).
+ARCHITECTURES: dict[str, list[dict[str, Any]]] = {
+    "read": [{"rnn": "gru", "hidden": 256}, {"rnn": "gru", "hidden": 128}, {"rnn": "lstm", "hidden": 128}],
+    "adapter": [{"bottleneck": 64}, {"bottleneck": 32}, {"bottleneck": 128}],
+    "lora": [{"rank": 32}, {"rank": 8}, {"rank": 16}],
+    "prompt": [{"n_prompts": 20}, {"n_prompts": 10}, {"n_prompts": 30}],
+}
+
+
+def architecture_scores(spec: SweepSpec, tasks: list[str], storage_url: str | None = None) -> list[dict]:
+    """Appendix C.3's architecture selection for ``spec.method``: each Table 7 candidate's best validation score
+    per task (its learning-rate search) and their mean over the tasks where every candidate has a result.
+
+    Returns one row per candidate, best first; ``selected`` marks the winner (None when no task is complete).
+    """
+    candidates = ARCHITECTURES.get(spec.method, [spec.method_args])
+    found = {}
+    for i, args in enumerate(candidates):
+        for task in tasks:
+            result = summary(dataclasses.replace(spec, task=task, method_args=args), storage_url)
+            if result is not None:
+                found[i, task] = result["validation"]
+    complete = [t for t in tasks if all((i, t) in found for i in range(len(candidates)))]
+    rows = [{"method_args": args, "tasks": complete, **{t: found.get((i, t)) for t in tasks},
+             "mean_validation": statistics.fmean(found[i, t] for t in complete) if complete else None}
+            for i, args in enumerate(candidates)]
+    rows.sort(key=lambda r: math.inf if r["mean_validation"] is None else -r["mean_validation"])
+    for rank, row in enumerate(rows):
+        row["selected"] = rank == 0 and row["mean_validation"] is not None
+    return rows

@@ -44,6 +44,7 @@ def test_study_name_changes_with_what_changes_results_only():
     assert spec(lr_rounds=10, seeds=1).name == base.name  # more rounds extend the same study
     assert spec(overrides=TINY | {"max_train": 32}).name != base.name
     assert spec(method_args={"dropout": 0.2}).name != base.name
+    assert spec(method_args={"dropout": 0.1}).name == base.name  # a default spelt out is the same study
     assert spec(method="lora").name != base.name
     keys = {item.split("=")[0] for item in base.name.split("|")}
     assert {"task", "method", "backbone", "max_train", "method_args", "profile"} <= keys
@@ -151,3 +152,21 @@ def test_two_workers_share_one_storage(tmp_path):
     assert sum(ran) == len(search) + len(seeds) + sum(  # every trial a worker counted is in the storage
         t.state == TrialState.PRUNED for t in trials(url, name + "|seeds"))
     print(f"trials per worker: {ran}")
+
+
+def test_architecture_selection_by_mean_best_validation_over_complete_tasks(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    monkeypatch.setitem(sweep.ARCHITECTURES, "lora", [{"rank": 2}, {"rank": 4}])
+    base = spec(method="lora", lr_rounds=1, seeds=1)
+    for task, args in (("rte", {"rank": 2}), ("rte", {"rank": 4}), ("mrpc", {"rank": 2}), ("cola", {"rank": 4})):
+        sweep.run_worker(sweep.SweepSpec(**{**base.__dict__, "task": task, "method_args": args}), url, heartbeat=1)
+    rows = sweep.architecture_scores(base, ["rte", "mrpc", "cola", "stsb"], url)
+    by_rank = {r["method_args"]["rank"]: r for r in rows}
+    for rank in (2, 4):  # only RTE has both candidates: the mean is over RTE alone
+        s = sweep.SweepSpec(**{**base.__dict__, "method_args": {"rank": rank}})
+        assert by_rank[rank]["tasks"] == ["rte"]
+        assert by_rank[rank]["mean_validation"] == sweep.summary(s, url)["validation"]
+        assert by_rank[rank]["stsb"] is None
+    assert by_rank[2]["mrpc"] is not None and by_rank[4]["mrpc"] is None
+    assert rows[0]["selected"] and not rows[1]["selected"]
+    assert rows[0]["mean_validation"] >= rows[1]["mean_validation"]
