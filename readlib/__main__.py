@@ -67,9 +67,11 @@ def train(argv: list[str]) -> int:
     known, extra = _train_parser().parse_known_args(argv)
     overrides = {k: v for k, v in vars(known).items() if v is not None}
     params = make_params(overrides.pop("profile", "default"), method_args=_method_args(extra), **overrides)
-    from readlib.train import fit
+    from readlib.train import fit, processes
 
     record = fit(params)
+    if record["processes"] > 1 and not processes(params.device).is_main_process:
+        return 0  # data-parallel run (accelerate launch): the first process reports
     print(json.dumps(record), flush=True)
     if record["status"] != "ok":
         print(f"readlib: {record['status']} (finished epochs are kept in the record)", file=sys.stderr)

@@ -92,7 +92,7 @@ class SweepSpec:
 
         params = self.params(LR_RANGE[0], 0)
         fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("lr", "seed", "device", "cache")}
-        fixed["method_args"] = dataclasses.asdict(methods.make_config(self.method, self.method_args))  # defaults spelt out
+        fixed["method_args"] = dataclasses.asdict(methods.make_config(self.method, self.method_args))  # defaults
         return "|".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(fixed.items()))
 
 

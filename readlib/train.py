@@ -41,6 +41,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def processes(device: str):
+    """accelerate's view of this run: one process, or one of several started by ``accelerate launch``/``torchrun``."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu")
+
+
+def sum_over_processes(trained: list[nn.Parameter], step_loss: float, device: torch.device) -> float:
+    """Data parallelism: sum the gradients (and the step loss) of every process's micro-batches.
+
+    Each process's loss is already weighted by its micro-batches' share of the step, so the sum is exactly
+    the gradient of the whole step, and every process takes the same optimizer step (what DDP does, without
+    wrapping the model: methods keep their own entry points such as ``forward_features``).
+    """
+    from accelerate.utils import reduce
+
+    for p in trained:
+        p.grad = reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="sum")
+    return reduce(torch.tensor(step_loss, device=device, dtype=torch.float64), reduction="sum").item()
+
+
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
@@ -222,7 +243,8 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         params.task, params.data_dir, params.split_seed, params.max_train, params.max_eval
     )  # data problems surface here, before any model is loaded
     set_seed(params.seed)
-    device = resolve_device(params.device)
+    procs = processes(params.device)
+    device = procs.device if procs.num_processes > 1 else resolve_device(params.device)
     backbone = backbones.load(params.backbone, seed=params.seed, text_to_text=params.text_to_text)
     model = methods.build(params.method, backbone, task.num_labels, params.method_args).to(device)
     trainable, total = methods.count_parameters(model)
@@ -235,9 +257,8 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         return predict(model, encoded[split], eval_batch, device, task, backbone.tokenizer, eos_id)
 
     lr = params.learning_rate
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=params.weight_decay
-    )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=params.weight_decay)
     order = torch.Generator().manual_seed(params.seed)
     history: list[dict] = []
     best_score, best_state, best_val, bad_epochs, status = -math.inf, None, None, 0, "ok"
@@ -252,11 +273,14 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         for step in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for micro in step.split(params.micro_batch_size):
+            micros = step.split(params.micro_batch_size)
+            for micro in micros[procs.process_index::procs.num_processes]:  # this process's share of the step
                 logits, labels = forward(model, train, micro, device)
                 loss = task_loss(logits, labels, task.is_regression) * (len(micro) / len(step))
                 loss.backward()
                 step_loss += loss.item()
+            if procs.num_processes > 1:
+                step_loss = sum_over_processes(trained, step_loss, device)
             if not math.isfinite(step_loss):
                 status = f"stopped: non-finite training loss at epoch {epoch}"
                 break
@@ -305,6 +329,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         "trainable_percent": 100.0 * trainable / total,
         "wall_time_s": time.time() - start,
         "device": device_description(device),
+        "processes": procs.num_processes,
         "profile": params.profile,
         "backbone": params.backbone,
         "backbone_source": backbone.source,

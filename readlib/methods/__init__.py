@@ -16,9 +16,10 @@ from typing import Any
 from torch import nn
 
 from readlib.errors import ConfigError
-from readlib.methods import bitfit, full, lora, prompt, read
+from readlib.methods import adapter, bitfit, full, lora, lst, prompt, read
 
-METHODS: dict[str, types.ModuleType] = {"full": full, "read": read, "bitfit": bitfit, "lora": lora, "prompt": prompt}
+METHODS: dict[str, types.ModuleType] = {"full": full, "read": read, "bitfit": bitfit, "lora": lora, "prompt": prompt,
+                                        "adapter": adapter, "lst": lst}
 
 
 def get_method(name: str) -> types.ModuleType:

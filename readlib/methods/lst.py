@@ -1,0 +1,434 @@
+"""LST: Ladder Side-Tuning (Sung, Cho & Bansal, NeurIPS 2022, arXiv 2206.06522) — READ's memory-efficient baseline
+(READ Appendix C.1, Tables 3 and 4).
+
+A small *side network* runs next to the frozen backbone and makes the predictions; the backbone is only read.
+Its hidden states reach the side network through *ladders* (LST Section 3.2, Fig. 3), one per side block:
+
+    h_0 = W_0 φ_0                                         (φ_0: the backbone's embedding output)
+    μ_i = sigmoid(α_i / T),  α_i = 0 at the start, T = 0.1
+    x_i = μ_i · W_i φ_i + (1 - μ_i) · h_{i-1}             (W_i: ladder i, d -> d/r, with bias)
+    h_i = B_i(x_i)                                        (B_i: a Transformer block of width d/r)
+    output: U · norm(h_N)                                 (U: the final upsample, d/r -> d, with bias)
+
+φ_i is the output of backbone layer i (for T5: before the stack's final layer norm). The backbone runs under
+``torch.no_grad()``: its hidden states enter the side network as constants, so backpropagation never enters the
+backbone and none of its activations are stored — the source of LST's memory savings (LST Section 3).
+
+The authors' code (github.com/ylsung/Ladder-Side-Tuning), which we follow:
+
+- Side blocks (``seq2seq/third_party/models/t5/modeling_side_t5.py``, ``T5Stack``): a T5 block built from the
+  backbone's config with ``d_model``, ``d_kv`` and ``d_ff`` floor-divided by the reduction factor r and the same
+  number of heads (T5-base, r = 8: width 96, 12 heads of 8, FFN 384). Side block i cross-attends (decoder) to the
+  side encoder's output, and reuses the backbone's relative position bias; only a side block at index 0 has its
+  own (trainable) relative-bias table, as in the backbone. The side stack ends with its own final layer norm and
+  dropout. On BERT-like encoders the side blocks are the backbone's layer class (``BertLayer``) built from a
+  config with ``hidden_size`` and ``intermediate_size`` divided by r, same heads, as LST's BART encoder does with
+  ``BartEncoderLayer`` (``seq2seq/third_party/models/bart/modeling_bart_encoder.py``); post-LN layers end in a
+  layer norm, so no final norm is added there.
+- Ladders: ``side_first_downsample`` (embedding output) and one ``side_downsamples[i]`` per side block, linear
+  d -> d/r with bias (``add_bias_sampling True`` in ``seq2seq/scripts/ladder_side_tuning_base.sh``); initialised
+  N(0, 0.01²) with zero bias (``T5PreTrainedModel._init_weights``, branch for plain linear layers), as is U.
+- Gates: ``side_gate_params`` α_i = 0 (``gate_alpha``), temperature ``gate_T`` = 0.1 (``seq2seq/training_args.py``,
+  ``use_gate "learnable"`` in the script). The code writes μ·h_{i-1} + (1-μ)·W_i φ_i; we write the paper's form
+  above. With α_0 = 0 the two are the same model up to α -> -α, and AdamW's steps are odd in the gradient, so
+  training follows the mirror-image path.
+- Layer dropping (``encoder_side_layers = decoder_side_layers = [1,2,3,5,6,7,9,10,11]`` in
+  ``ladder_side_tuning_base.sh``, LST's T5-base GLUE runs): side blocks 0, 4, 8 of T5-base's 12 are dropped, in
+  encoder and decoder; the ladders of dropped layers are not built. ``drop_every = k`` drops side block i when
+  i mod k = 0 (k = 4 gives LST's list on any depth; 0 keeps every block). The code still creates the unused
+  gates of dropped layers; we create only the gates that are read.
+- Outputs: text-to-text, the side decoder's output is upsampled by ``side_final_upsample`` and fed alone to the
+  frozen tied LM head (with T5's d^-0.5 output scaling); the backbone's own output is not added
+  (``merge_last False``). Encoder path: LST's BART classifier also upsamples the last side state to d and puts
+  its classification head there (``BartForSequenceClassification``); here that head is the shared masked-mean-
+  pool head (``readlib.methods.head``).
+- Trained: every side parameter (``freeze_model_params`` in ``seq2seq/utils/utils.py`` unfreezes names
+  containing "side"), plus the head on the encoder path. Backbone and LM head stay frozen.
+- Pruned initialisation (``load_side_pretrained_weights``; ``run_seq2seq.py`` copies the pruned backbone block i
+  into side block i, the pruned final layer norm into the side's, and block 0's relative-bias table unpruned).
+  The pruning is ``pruning_v2`` = ``pruning_without_residual`` (``VL-T5/src/pruning/pruning_methods.py``; run_seq2seq
+  imports the same functions from ``seq2seq/pruning/``) with Torch-Pruning's ``L1Strategy``
+  (``Torch-Pruning/torch_pruning/prune/strategy.py``): one chain through the whole backbone (dropped layers
+  included, encoder then decoder). Start: keep the d/r embedding columns of largest L1 norm. Then, in order, each
+  linear group has its input columns cut to the previous selection and keeps the rows whose L1 norm of the
+  group's element-wise product is largest (groups: [q, k, v] -> d_kv/r per head x heads rows, [o] -> d/r,
+  [wi] -> d_ff/r, [wo] -> d/r); layer-norm vectors and biases follow the selection of the dimension they live on.
+  Kept rows stay in their original order (so heads are regrouped in order, not head-aware).
+
+Choices where the paper and code are silent or do not carry over:
+
+- Importance. LST's GLUE script ranks by Fisher information (``fisher-v2``: squared gradients of the task loss
+  summed over 1,024 training examples, ``seq2seq/pruning/fisher.py``). ``build`` sees no data, so we rank by the
+  weights themselves — the code's path without an importance measure (``pruning_v2(model, r)``). ``init="random"``
+  keeps PyTorch's default initialisation of the side blocks instead.
+- BERT-like chain (not in LST's code): starts from the word-embedding columns; [query, key, value] ->
+  attention.output.dense -> intermediate.dense -> output.dense, each LayerNorm (weight and bias) and bias
+  following its dimension. Gated T5 FFNs (wi_0, wi_1) form one group, like q, k, v.
+- Dropout. The side blocks and the embedding ladder use the backbone config's dropout (T5 ``dropout_rate``, BERT
+  ``hidden_dropout_prob``, 0.1), as LST's side blocks do. The backbone itself stays in eval mode (LST trains it in
+  train mode, so its frozen states see dropout): as for every method here, the frozen model is deterministic.
+- Width. r must divide d (READ Table 7 names the side width, 64/96/128 on T5-base = r 12/8/6); d_kv and d_ff
+  are floor-divided as in LST's code. BERT layers need d/r divisible by the head count.
+- No hidden-state cache (``readlib.cache``): the backbone pass is repeated every step.
+
+Count on T5-base, r = 8, default layer dropping (9 + 9 side blocks; ``tests/test_lst.py``): 3,877,938 trainable
+parameters — LST's 1.74 % of T5-base (LST Table 1) up to the 6 unused gates LST's code also counts. READ Table 4
+lists 5.04 M for its re-implementation of LST, which matches LST *without* layer dropping (``drop_every=0``):
+5,097,240 (1.1 % more than 5.04 M; READ's code is not public, so the rest is not attributable).
+
+Written here because no maintained library implements LST (peft has no side-network tuner); the authors' code
+is a fork of transformers 4.x's T5 with the side network inside ``T5Stack``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from readlib.errors import ConfigError
+from readlib.methods.head import MeanPoolHead, check_dropout
+from readlib.methods.read import lm_logits
+
+# LST's T5-base GLUE learning rate (lr=3e-3 in seq2seq/scripts/ladder_side_tuning_base.sh); the largest of the
+# TokenTune paper's LST candidates [3e-4, 1e-3, 3e-3]. READ Table 8 tuned 7.47e-4 for its LST.
+DEFAULT_LR = 3e-3
+INITS = ("pruned", "random")
+LADDER_STD = 0.01  # N(0, 0.01²) for ladders and upsample, LST's init of plain linear layers
+
+
+@dataclass
+class Config:
+    reduction: int = 8  # r: side width d/r; 8 on T5-base = side dim 96, READ Table 7's final choice (64/96/128)
+    gate_temperature: float = 0.1  # T in μ_i = sigmoid(α_i / T)
+    drop_every: int = 4  # drop side block i when i % drop_every == 0 (LST's T5 GLUE runs: 0, 4, 8); 0: keep all
+    init: str = "pruned"  # "pruned": side blocks from the L1-pruned backbone (LST); "random": PyTorch defaults
+    dropout: float = 0.1  # head dropout (encoder path)
+
+    def validate(self) -> None:
+        if self.reduction < 1:
+            raise ConfigError(f"lst.reduction must be >= 1 (side width = d / reduction), got {self.reduction}")
+        if not self.gate_temperature > 0:
+            raise ConfigError(f"lst.gate_temperature must be > 0, got {self.gate_temperature}")
+        if self.drop_every < 0 or self.drop_every == 1:
+            raise ConfigError(f"lst.drop_every must be 0 (keep every side block) or >= 2, got {self.drop_every}")
+        if self.init not in INITS:
+            raise ConfigError(f"lst.init must be one of: {', '.join(INITS)}; got '{self.init}'")
+        check_dropout("lst", self.dropout)
+
+
+def ladder(h_prev: torch.Tensor, rung: torch.Tensor, alpha: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x_i = μ_i · W_i φ_i + (1 - μ_i) · h_{i-1} with μ_i = sigmoid(α_i / T) (LST Section 3.2)."""
+    mu = torch.sigmoid(alpha / temperature)
+    return mu * rung + (1 - mu) * h_prev
+
+
+def keep_rows(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k rows of ``weight`` with the largest L1 norm, in increasing order (Torch-Pruning's
+    ``L1Strategy``, which drops the n - k rows of smallest L1 norm)."""
+    return weight.abs().sum(1).topk(k).indices.sort().values
+
+
+def side_layers(num_layers: int, drop_every: int) -> list[int]:
+    """Backbone layers that get a side block: all but i % drop_every == 0 (none dropped for drop_every = 0)."""
+    return [i for i in range(num_layers) if not drop_every or i % drop_every]
+
+
+def _prune_group(weights: list[torch.Tensor], cols: torch.Tensor, k: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One linear group of LST's chain: inputs cut to ``cols``, then the k rows whose L1 norm of the group's
+    element-wise product is largest. Returns the pruned weights and the kept rows."""
+    cut = [w[:, cols] for w in weights]
+    product = cut[0]
+    for w in cut[1:]:
+        product = product * w
+    rows = keep_rows(product, k)
+    return [w[rows] for w in cut], rows
+
+
+# ---------------------------------------------------------------- the side network
+
+
+class SideNetwork(nn.Module):
+    """The ladder side network of one stack: [φ_0, ..., φ_N] -> side output [batch, tokens, d/r]."""
+
+    def __init__(self, d_model: int, width: int, layers: list[int], blocks: list[nn.Module], final: nn.Module,
+                 dropout: float, temperature: float):
+        super().__init__()
+        self.layers = layers  # backbone layer of each side block
+        self.first_down = nn.Linear(d_model, width)  # W_0, on the embedding output
+        self.downs = nn.ModuleList(nn.Linear(d_model, width) for _ in layers)  # W_i, the ladders
+        self.alpha = nn.Parameter(torch.zeros(len(layers)))  # α_i = 0: μ_i = 0.5
+        self.blocks = nn.ModuleList(blocks)  # B_i
+        self.final = final  # T5: final layer norm and dropout; BERT: identity
+        self.dropout = nn.Dropout(dropout)
+        self.temperature = temperature
+        for linear in [self.first_down, *self.downs]:
+            nn.init.normal_(linear.weight, std=LADDER_STD)
+            nn.init.zeros_(linear.bias)
+
+    def gates(self) -> torch.Tensor:
+        """μ_i of every side block."""
+        return torch.sigmoid(self.alpha / self.temperature)
+
+    def forward(self, phi: list[torch.Tensor], **context) -> torch.Tensor:
+        """``phi``: the backbone's embedding output and layer outputs, constants [batch, tokens, d]."""
+        h = self.first_down(self.dropout(phi[0]))  # h_0 = W_0 φ_0
+        for j, i in enumerate(self.layers):
+            h = ladder(h, self.downs[j](phi[i + 1]), self.alpha[j], self.temperature)
+            h = self.block(j, h, **context)  # h_i = B_i(x_i)
+        return self.final(h)
+
+    def block(self, j: int, h: torch.Tensor, **context) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class T5Side(SideNetwork):
+    """Side T5 stack: attention masks are additive [batch, 1, q, k]; ``bias`` is the backbone's relative bias."""
+
+    def block(self, j: int, h: torch.Tensor, mask=None, bias=None, memory=None, memory_mask=None) -> torch.Tensor:
+        own = self.blocks[j].layer[0].SelfAttention.has_relative_attention_bias  # side block 0 has its own table
+        return self.blocks[j](h, attention_mask=mask, position_bias=None if own else bias,
+                              encoder_hidden_states=memory, encoder_attention_mask=memory_mask)[0]
+
+
+class BertSide(SideNetwork):
+    """Side stack of BERT-like layers (post-LN)."""
+
+    def block(self, j: int, h: torch.Tensor, mask=None) -> torch.Tensor:
+        return self.blocks[j](h, attention_mask=mask)
+
+
+def t5_side(stack: nn.Module, config: Config) -> T5Side:
+    """Side network for a T5 stack (encoder or decoder): widths of the stack's config divided by r."""
+    from transformers.models.t5.modeling_t5 import T5Block, T5LayerNorm
+
+    side_config = copy.deepcopy(stack.config)
+    for name in ("d_model", "d_kv", "d_ff"):  # floor division, as LST's code; the head count is kept
+        setattr(side_config, name, getattr(stack.config, name) // config.reduction)
+    layers = side_layers(len(stack.block), config.drop_every)
+    blocks = [T5Block(side_config, has_relative_attention_bias=i == 0, layer_idx=i) for i in layers]
+    final = nn.Sequential(T5LayerNorm(side_config.d_model, eps=side_config.layer_norm_epsilon),
+                          nn.Dropout(side_config.dropout_rate))
+    return T5Side(stack.config.d_model, side_config.d_model, layers, blocks, final, side_config.dropout_rate,
+                  config.gate_temperature)
+
+
+def bert_side(encoder: nn.Module, config: Config) -> BertSide:
+    """Side network for a BERT-like encoder: its layer class at hidden and FFN widths divided by r."""
+    side_config = copy.deepcopy(encoder.config)
+    side_config.hidden_size //= config.reduction
+    side_config.intermediate_size //= config.reduction
+    layers = side_layers(len(encoder.encoder.layer), config.drop_every)
+    layer_class = type(encoder.encoder.layer[0])
+    blocks = [layer_class(side_config) for _ in layers]
+    return BertSide(encoder.config.hidden_size, side_config.hidden_size, layers, blocks, nn.Identity(),
+                    side_config.hidden_dropout_prob, config.gate_temperature)
+
+
+# ---------------------------------------------------------------- pruned initialisation (LST's pruning_v2)
+
+
+def prune_t5(stack: nn.Module, side: T5Side, cols: torch.Tensor) -> torch.Tensor:
+    """Copy the chain-pruned weights of ``stack``'s blocks into ``side``'s blocks and its final layer norm.
+
+    ``cols``: the residual dimensions kept so far; returns those kept after the stack (the chain continues from
+    the encoder into the decoder, as in LST's code). Dropped layers are pruned too: they carry the chain.
+    """
+    width = side.first_down.out_features
+    inner = side.blocks[0].layer[0].SelfAttention.inner_dim
+    ff_width = side.blocks[0].layer[-1].DenseReluDense.wo.in_features
+    for i, block in enumerate(stack.block):
+        state = {}
+        for n, sub in enumerate(block.layer):
+            state[f"layer.{n}.layer_norm.weight"] = sub.layer_norm.weight[cols]
+            if hasattr(sub, "DenseReluDense"):
+                ff, prefix = sub.DenseReluDense, f"layer.{n}.DenseReluDense"
+                names = [m for m in ("wi", "wi_0", "wi_1") if hasattr(ff, m)]
+                wi, mid = _prune_group([getattr(ff, m).weight for m in names], cols, ff_width)
+                (wo,), cols = _prune_group([ff.wo.weight], mid, width)
+                state |= {f"{prefix}.{m}.weight": w for m, w in zip([*names, "wo"], [*wi, wo], strict=True)}
+                continue
+            name = "SelfAttention" if hasattr(sub, "SelfAttention") else "EncDecAttention"
+            attn, prefix = getattr(sub, name), f"layer.{n}.{name}"
+            qkv, heads = _prune_group([attn.q.weight, attn.k.weight, attn.v.weight], cols, inner)
+            (o,), cols = _prune_group([attn.o.weight], heads, width)
+            state |= {f"{prefix}.{m}.weight": w for m, w in zip("qkvo", [*qkv, o], strict=True)}
+            if attn.has_relative_attention_bias:  # block 0's table: heads are kept, so it is copied whole
+                state[f"{prefix}.relative_attention_bias.weight"] = attn.relative_attention_bias.weight
+        if i in side.layers:
+            side.blocks[side.layers.index(i)].load_state_dict(state)
+    side.final[0].load_state_dict({"weight": stack.final_layer_norm.weight[cols]})
+    return cols
+
+
+def prune_bert(encoder: nn.Module, side: BertSide) -> None:
+    """Copy the chain-pruned weights of a BERT-like encoder's layers into ``side``'s layers (weights and biases)."""
+    width = side.first_down.out_features
+    ff_width = side.blocks[0].intermediate.dense.out_features
+    cols = keep_rows(encoder.get_input_embeddings().weight.T, width)
+    for i, layer in enumerate(encoder.encoder.layer):
+        state = {}
+        att = layer.attention.self
+        qkv, cols = _prune_group([att.query.weight, att.key.weight, att.value.weight], cols, width)
+        for m, w in zip(("query", "key", "value"), qkv, strict=True):
+            state |= {f"attention.self.{m}.weight": w, f"attention.self.{m}.bias": getattr(att, m).bias[cols]}
+        for name, width_out in [("attention.output", width), ("intermediate", ff_width), ("output", width)]:
+            module = layer.get_submodule(name)
+            (w,), cols = _prune_group([module.dense.weight], cols, width_out)
+            state |= {f"{name}.dense.weight": w, f"{name}.dense.bias": module.dense.bias[cols]}
+            if hasattr(module, "LayerNorm"):  # post-LN: the norm lives on the dimensions just kept
+                norm = module.LayerNorm
+                state |= {f"{name}.LayerNorm.weight": norm.weight[cols], f"{name}.LayerNorm.bias": norm.bias[cols]}
+        if i in side.layers:
+            side.blocks[side.layers.index(i)].load_state_dict(state)
+
+
+# ---------------------------------------------------------------- the frozen backbone's states
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, q or 1, k] booleans -> additive attention mask [batch, 1, q or 1, k] (0 or the dtype's minimum)."""
+    return (~keep.bool())[:, None].to(dtype) * torch.finfo(dtype).min
+
+
+def t5_states(stack: nn.Module, input_ids: torch.Tensor, **kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """φ_0 (embedding output), φ_1..φ_N (block outputs, before the final layer norm) and the stack's output.
+
+    Call under ``torch.no_grad()``. The block outputs are read with forward hooks: transformers returns the last
+    layer's state only after the final layer norm, while LST's ladder N reads the block's own output.
+    """
+    outputs = []
+    hooks = [block.register_forward_hook(lambda _m, _a, out: outputs.append(out[0])) for block in stack.block]
+    try:
+        last = stack(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [stack.embed_tokens(input_ids), *outputs], last
+
+
+def t5_context(stack: nn.Module, keep: torch.Tensor, dtype: torch.dtype) -> dict:
+    """Self-attention mask and the backbone's relative position bias [1, heads, q, k] for a T5 side stack."""
+    n = keep.shape[-1]
+    bias = stack.block[0].layer[0].SelfAttention.compute_bias(n, n, device=keep.device).to(dtype)
+    return {"mask": additive_mask(keep, dtype), "bias": bias}
+
+
+# ---------------------------------------------------------------- the methods' models
+
+
+class LSTEncoder(nn.Module):
+    """LST on an encoder (BERT-like or a T5 encoder): the side output, upsampled to d, under the shared head."""
+
+    def __init__(self, backbone, num_labels: int, config: Config):
+        super().__init__()
+        self.backbone = backbone
+        self.frozen = backbone.model  # registered so .to(device) moves it; never trained
+        self.t5 = self.frozen.config.model_type == "t5"
+        if self.t5:
+            self.side = t5_side(self.frozen.encoder, config)
+        else:
+            self.side = bert_side(self.frozen, config)
+        self.up = upsample(self.side, backbone.hidden_size)
+        self.head = MeanPoolHead(backbone.hidden_size, num_labels, config.dropout)
+        if config.init == "pruned":
+            with torch.no_grad():
+                if self.t5:
+                    embeddings = self.frozen.encoder.embed_tokens.weight
+                    prune_t5(self.frozen.encoder, self.side, keep_rows(embeddings.T, self.side.first_down.out_features))
+                else:
+                    prune_bert(self.frozen, self.side)
+
+    def train(self, mode: bool = True) -> LSTEncoder:
+        super().train(mode)
+        self.frozen.eval()  # the backbone never uses dropout (see module docstring)
+        return self
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        dtype = self.side.first_down.weight.dtype
+        with torch.no_grad():  # the backbone's states are constants for the side network
+            if self.t5:
+                phi, _ = t5_states(self.frozen.encoder, input_ids, attention_mask=attention_mask)
+                context = t5_context(self.frozen.encoder, attention_mask[:, None], dtype)
+            else:
+                phi = self.backbone.hidden_states(input_ids, attention_mask, token_type_ids)
+                context = {"mask": additive_mask(attention_mask[:, None], dtype)}
+        return self.head(self.up(self.side(list(phi), **context)), attention_mask)
+
+
+class LSTSeq2Seq(nn.Module):
+    """LST on T5, text-to-text: side encoder, side decoder, upsample, the frozen LM head: [batch, n, vocab]."""
+
+    def __init__(self, backbone, config: Config):
+        super().__init__()
+        self.frozen = backbone.model  # T5ForConditionalGeneration; never trained
+        self.side_encoder = t5_side(self.frozen.encoder, config)
+        self.side_decoder = t5_side(self.frozen.decoder, config)
+        self.up = upsample(self.side_decoder, backbone.hidden_size)
+        if config.init == "pruned":
+            with torch.no_grad():
+                width = self.side_encoder.first_down.out_features
+                cols = prune_t5(self.frozen.encoder, self.side_encoder, keep_rows(self.frozen.shared.weight.T, width))
+                prune_t5(self.frozen.decoder, self.side_decoder, cols)
+
+    def train(self, mode: bool = True) -> LSTSeq2Seq:
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> torch.Tensor:
+        t5, dtype = self.frozen, self.side_encoder.first_down.weight.dtype
+        n = decoder_input_ids.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()[None]
+        if decoder_attention_mask is not None:
+            causal = causal & decoder_attention_mask.bool()[:, None]
+        with torch.no_grad():
+            phi_e, memory = t5_states(t5.encoder, input_ids, attention_mask=attention_mask)
+            phi_d, _ = t5_states(t5.decoder, decoder_input_ids, attention_mask=decoder_attention_mask,
+                                 encoder_hidden_states=memory, encoder_attention_mask=attention_mask)
+            encoder_context = t5_context(t5.encoder, attention_mask[:, None], dtype)
+            decoder_context = t5_context(t5.decoder, causal, dtype)
+        h_e = self.side_encoder(phi_e, **encoder_context)
+        memory_mask = additive_mask(attention_mask[:, None], dtype)
+        h_d = self.side_decoder(phi_d, **decoder_context, memory=h_e, memory_mask=memory_mask)
+        return lm_logits(t5, self.up(h_d))  # the side decoder's output alone, through the frozen LM head
+
+
+def upsample(side: SideNetwork, d_model: int) -> nn.Linear:
+    """U: side width -> d, with bias, N(0, 0.01²) weights and zero bias (LST's ``side_final_upsample``)."""
+    up = nn.Linear(side.first_down.out_features, d_model)
+    nn.init.normal_(up.weight, std=LADDER_STD)
+    nn.init.zeros_(up.bias)
+    return up
+
+
+def check_backbone(backbone, config: Config) -> None:
+    """ConfigError unless LST can build its side network on this backbone with these widths."""
+    model_config, r = backbone.model.config, config.reduction
+    d = backbone.hidden_size
+    if model_config.model_type != "t5" and not hasattr(getattr(backbone.model, "encoder", None), "layer"):
+        raise ConfigError(f"lst needs a T5 or a BERT-like encoder (encoder.layer), got '{model_config.model_type}'")
+    if d % r:
+        raise ConfigError(f"lst.reduction must divide the backbone width {d} (side width d / reduction), got {r}")
+    if model_config.model_type == "t5":
+        if model_config.d_kv < r or model_config.d_ff < r:
+            raise ConfigError(f"lst.reduction must be <= the head width d_kv = {model_config.d_kv} and the FFN "
+                              f"width d_ff = {model_config.d_ff}, got {r}")
+    elif (d // r) % model_config.num_attention_heads or model_config.intermediate_size < r:
+        raise ConfigError(f"lst.reduction must leave a side width d / reduction = {d // r} divisible by the "
+                          f"{model_config.num_attention_heads} attention heads and be <= the FFN width "
+                          f"{model_config.intermediate_size}, got {r}")
+    if not side_layers(backbone.num_layers, config.drop_every):
+        raise ConfigError(f"lst.drop_every={config.drop_every} drops every side block of a "
+                          f"{backbone.num_layers}-layer backbone; use 0 to keep all")
+
+
+def build(backbone, num_labels: int, config: Config) -> nn.Module:
+    check_backbone(backbone, config)
+    # the side network lives where the backbone does (the meta device for parameter counts)
+    with torch.device(next(backbone.model.parameters()).device):
+        if backbone.kind == "seq2seq":
+            return LSTSeq2Seq(backbone, config)
+        return LSTEncoder(backbone, num_labels, config)
