@@ -70,7 +70,7 @@ def train(argv: list[str]) -> int:
     from readlib.train import fit, processes
 
     record = fit(params)
-    if record["processes"] > 1 and not processes(params.device).is_main_process:
+    if record.get("processes", 1) > 1 and not processes(params.device).is_main_process:
         return 0  # data-parallel run (accelerate launch): the first process reports
     print(json.dumps(record), flush=True)
     if record["status"] != "ok":
@@ -81,6 +81,7 @@ def train(argv: list[str]) -> int:
 
 def worker(argv: list[str]) -> int:
     from readlib import methods, sweep
+    from readlib.params import make_params
 
     parser = _train_parser()
     parser.prog = "python -m readlib worker"
@@ -95,7 +96,11 @@ def worker(argv: list[str]) -> int:
     task, profile = overrides.pop("task", None), overrides.pop("profile", "default")
     if task is None:
         raise ConfigError("worker needs --task")
-    names = overrides.pop("method", ",".join(methods.METHODS)).split(",")
+    if "method" in overrides:
+        names = overrides.pop("method").split(",")
+    else:  # every method that trains in the run's formulation (e.g. no selective fine-tuning on T5 text-to-text)
+        t2t = make_params(profile, task=task, **overrides).is_text_to_text
+        names = [name for name in methods.METHODS if methods.supports(name, t2t)]
     method_args = _method_args(extra)
     if method_args and len(names) > 1:
         raise ConfigError(f"method hyperparameters ({', '.join(method_args)}) need a single --method")

@@ -61,6 +61,9 @@ class RunParams:
         backbones.check_name(self.backbone)
         if self.text_to_text and not backbones.is_t5(self.backbone):
             raise ConfigError(f"text-to-text needs a T5 backbone; '{self.backbone}' is an encoder (use classification)")
+        if not methods.supports(self.method, self.is_text_to_text):
+            raise ConfigError(f"method '{self.method}' does not train text-to-text (T5 encoder-decoder); use "
+                              "--text_to_text false (a T5 encoder with a head) or an encoder backbone")
         if self.lr is not None and not (0 < self.lr < 1):
             raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
         for name in ("max_epochs", "batch_size", "micro_batch_size", "max_length"):
@@ -88,6 +91,13 @@ class RunParams:
             if not torch.cuda.is_available():
                 raise ConfigError(f"device '{self.device}' requested but no CUDA GPU is visible; use auto or cpu")
         return self
+
+    @property
+    def is_text_to_text(self) -> bool:
+        """The formulation the run uses: text-to-text unless asked otherwise on T5, classification elsewhere."""
+        from readlib import backbones
+
+        return backbones.is_t5(self.backbone) if self.text_to_text is None else self.text_to_text
 
     @property
     def learning_rate(self) -> float:

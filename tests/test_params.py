@@ -37,8 +37,10 @@ def test_quick_profile_values():
 def test_profiles_are_what_the_yaml_says(profile):
     text = (params.PROFILE_DIR / f"{profile}.yaml").read_text()
     values = yaml.safe_load(text)
+    sweep = values.pop("sweep")
     p = make_params(profile)
     assert values and all(getattr(p, k) == v for k, v in values.items())
+    assert params.load_sweep(profile) == sweep and set(sweep) == {"lr_rounds", "seeds"}
     untouched = {f.name for f in dataclasses.fields(RunParams)} - set(values) - {"profile"}
     assert all(getattr(p, k) == getattr(RunParams(), k) for k in untouched)
 
@@ -124,3 +126,15 @@ def test_numeric_strings_are_parsed():
     # papermill and YAML may hand numbers over as strings; they are parsed, then range-checked
     assert make_params("quick", batch_size="16", lr="3e-4").batch_size == 16
     assert make_params("quick", lr="3e-4").lr == 3e-4
+
+
+def test_paper_profile_sweep_is_section_3_3():
+    assert params.load_sweep("paper") == {"lr_rounds": 32, "seeds": 3}
+    with pytest.raises(ConfigError, match="unknown profile"):
+        params.load_sweep("fast")
+
+
+def test_a_method_refuses_a_formulation_before_loading_anything():
+    with pytest.raises(ConfigError, match="'selective' does not train text-to-text"):
+        make_params("quick", method="selective", backbone="random-t5-tiny")
+    assert make_params("quick", method="selective", backbone="random-t5-tiny", text_to_text=False).method == "selective"

@@ -9,6 +9,7 @@ import torch
 import readlib.methods
 import readlib.train
 from readlib import data
+from readlib.errors import ConfigError
 from readlib.params import make_params
 from readlib.train import Encoded, fit
 
@@ -83,7 +84,7 @@ def test_record_fields(record):
 def test_record_has_the_readme_fields(record):
     # README "Result record", in its order
     readme = ("task method method_args lr seed validation test majority_baseline epochs_run best_epoch "
-              "history status trainable_params total_params trainable_percent wall_time_s device profile "
+              "history status trainable_params total_params trainable_percent wall_time_s device processes profile "
               "backbone backbone_source backbone_pretrained formulation cache data batch_size micro_batch_size "
               "max_length max_epochs patience weight_decay git_commit readlib_version torch_version "
               "finished_at").split()
@@ -235,6 +236,10 @@ def test_encoded_pairs_and_regression(minilm):
 @pytest.mark.parametrize("method", sorted(readlib.methods.METHODS))
 def test_every_method_trains_text_to_text_through_fit(method):
     # the train loop hands seq2seq models decoder_input_ids and decoder_attention_mask
+    if not readlib.methods.supports(method, text_to_text=True):  # refused before any data or model
+        with pytest.raises(ConfigError, match=f"method '{method}' does not train text-to-text"):
+            make_params("quick", task="rte", method=method, backbone="random-t5-tiny")
+        return
     r = fit(make_params("quick", task="rte", method=method, backbone="random-t5-tiny", max_train=8, max_eval=4,
                         max_epochs=1, batch_size=4, micro_batch_size=4, max_length=24), progress=False)
     assert r["status"] == "ok" and r["formulation"] == "text-to-text" and r["epochs_run"] == 1

@@ -3,8 +3,9 @@
 A method module defines ``Config`` (a dataclass of its hyperparameters with ``validate()``),
 ``DEFAULT_LR`` and ``build(backbone, num_labels, config) -> nn.Module``. The built model maps a
 tokenized batch to logits ``[batch, num_labels]`` (one column for regression); exactly the
-parameters the method trains have ``requires_grad``. Adding a method is one module here plus one
-line in ``METHODS``.
+parameters the method trains have ``requires_grad``. A method that trains only one formulation says
+so in ``FORMULATIONS`` (default: classification and text-to-text), checked before any data or model is
+loaded. Adding a method is one module here plus one line in ``METHODS``.
 """
 
 from __future__ import annotations
@@ -16,16 +17,22 @@ from typing import Any
 from torch import nn
 
 from readlib.errors import ConfigError
-from readlib.methods import adapter, bitfit, full, lora, lst, prompt, read
+from readlib.methods import adapter, bitfit, full, lora, lst, prompt, read, selective
 
 METHODS: dict[str, types.ModuleType] = {"full": full, "read": read, "bitfit": bitfit, "lora": lora, "prompt": prompt,
-                                        "adapter": adapter, "lst": lst}
+                                        "selective": selective, "adapter": adapter, "lst": lst}
 
 
 def get_method(name: str) -> types.ModuleType:
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def supports(name: str, text_to_text: bool) -> bool:
+    """Whether the method trains in that formulation (module attribute ``FORMULATIONS``; default: both)."""
+    kinds = getattr(get_method(name), "FORMULATIONS", ("classification", "text-to-text"))
+    return ("text-to-text" if text_to_text else "classification") in kinds
 
 
 def coerce(label: str, value: Any, kind: type) -> Any:
