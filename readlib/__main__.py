@@ -86,7 +86,7 @@ def worker(argv: list[str]) -> int:
     parser = _train_parser()
     parser.prog = "python -m readlib worker"
     parser.description = "Work on the learning-rate search and seed runs of one task (readlib.sweep)."
-    for name, kind, default in (("lr_rounds", int, 32), ("seeds", int, 3), ("storage", str, None),
+    for name, kind, default in (("lr_rounds", int, None), ("seeds", int, None), ("storage", str, None),
                                 ("heartbeat", int, 30), ("prune", str, "false")):
         parser.add_argument(f"--{name}", type=kind, default=default)
     known, extra = parser.parse_known_args(argv)

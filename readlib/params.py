@@ -122,13 +122,19 @@ def load_profile(profile: str) -> dict[str, Any]:
     return values
 
 
-def load_sweep(profile: str) -> dict[str, int]:
-    """The profile's learning-rate search size: ``lr_rounds`` (search trials) and ``seeds`` (runs of the best lr)."""
+def load_sweep(profile: str) -> dict[str, Any]:
+    """The profile's ``sweep:`` block: ``lr_rounds`` (learning-rate search trials), ``seeds`` (runs of the best
+    learning rate) and ``runs`` (run parameters that sweep trials override, e.g. a smaller ``max_train``)."""
     load_profile(profile)  # unknown profile: the usual error
     values = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text()) or {}
-    sweep = {"lr_rounds": 32, "seeds": 3} | (values.get("sweep") or {})  # READ Section 3.3 unless the profile says
-    if set(sweep) != {"lr_rounds", "seeds"} or not all(isinstance(v, int) and v >= 1 for v in sweep.values()):
-        raise ConfigError(f"params/{profile}.yaml: sweep must be {{lr_rounds: int >= 1, seeds: int >= 1}}, got {sweep}")
+    sweep = {"lr_rounds": 32, "seeds": 3, "runs": {}} | (values.get("sweep") or {})  # READ Section 3.3 by default
+    sizes = [sweep.get("lr_rounds"), sweep.get("seeds")]
+    if set(sweep) != {"lr_rounds", "seeds", "runs"} or not all(isinstance(v, int) and v >= 1 for v in sizes):
+        raise ConfigError(f"params/{profile}.yaml: sweep must be {{lr_rounds: int >= 1, seeds: int >= 1, "
+                          f"runs: {{run parameters}}}}, got {sweep}")
+    unknown = sorted(set(sweep["runs"]) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"params/{profile}.yaml: unknown field(s) {unknown} in sweep.runs")
     return sweep
 
 

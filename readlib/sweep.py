@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 
 from readlib import data
 from readlib.errors import ConfigError
-from readlib.params import make_params
+from readlib.params import load_sweep, make_params
 
 LR_RANGE = (1e-6, 3e-3)  # READ Section 3.3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -68,13 +68,21 @@ class SweepSpec:
     backbone: str | None = None  # None: the profile's backbone
     method_args: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # other run parameters (max_epochs, max_train, ...)
-    lr_rounds: int = 32
-    seeds: int = 3
+    lr_rounds: int | None = None  # None: the profile's sweep block (params/<profile>.yaml)
+    seeds: int | None = None
     prune: bool = False
 
+    def __post_init__(self) -> None:
+        plan = load_sweep(self.profile)
+        self.lr_rounds = plan["lr_rounds"] if self.lr_rounds is None else self.lr_rounds
+        self.seeds = plan["seeds"] if self.seeds is None else self.seeds
+        self._runs = plan["runs"]
+
     def params(self, lr: float, seed: int):
+        """A trial's run parameters: the profile, its sweep block's ``runs``, then ``overrides`` (None keeps)."""
+        overrides = self._runs | {k: v for k, v in self.overrides.items() if v is not None}
         return make_params(self.profile, task=self.task, method=self.method, backbone=self.backbone,
-                           method_args=self.method_args, lr=lr, seed=seed, **self.overrides)
+                           method_args=self.method_args, lr=lr, seed=seed, **overrides)
 
     def check(self) -> None:
         """Every input problem (parameters, missing data) as ConfigError/DataNotFoundError, before any model."""

@@ -40,7 +40,7 @@ def test_profiles_are_what_the_yaml_says(profile):
     sweep = values.pop("sweep")
     p = make_params(profile)
     assert values and all(getattr(p, k) == v for k, v in values.items())
-    assert params.load_sweep(profile) == sweep and set(sweep) == {"lr_rounds", "seeds"}
+    assert params.load_sweep(profile) == {"runs": {}} | sweep and {"lr_rounds", "seeds"} <= set(sweep)
     untouched = {f.name for f in dataclasses.fields(RunParams)} - set(values) - {"profile"}
     assert all(getattr(p, k) == getattr(RunParams(), k) for k in untouched)
 
@@ -129,7 +129,7 @@ def test_numeric_strings_are_parsed():
 
 
 def test_paper_profile_sweep_is_section_3_3():
-    assert params.load_sweep("paper") == {"lr_rounds": 32, "seeds": 3}
+    assert params.load_sweep("paper") == {"lr_rounds": 32, "seeds": 3, "runs": {}}
     with pytest.raises(ConfigError, match="unknown profile"):
         params.load_sweep("fast")
 

@@ -4,6 +4,7 @@ Runs are tiny real trainings (BitFit on MiniLM, 16 RTE training examples) so tha
 end to end through ``readlib.train.fit`` and real subprocesses.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -159,14 +160,24 @@ def test_architecture_selection_by_mean_best_validation_over_complete_tasks(tmp_
     monkeypatch.setitem(sweep.ARCHITECTURES, "lora", [{"rank": 2}, {"rank": 4}])
     base = spec(method="lora", lr_rounds=1, seeds=1)
     for task, args in (("rte", {"rank": 2}), ("rte", {"rank": 4}), ("mrpc", {"rank": 2}), ("cola", {"rank": 4})):
-        sweep.run_worker(sweep.SweepSpec(**{**base.__dict__, "task": task, "method_args": args}), url, heartbeat=1)
+        sweep.run_worker(dataclasses.replace(base, task=task, method_args=args), url, heartbeat=1)
     rows = sweep.architecture_scores(base, ["rte", "mrpc", "cola", "stsb"], url)
     by_rank = {r["method_args"]["rank"]: r for r in rows}
     for rank in (2, 4):  # only RTE has both candidates: the mean is over RTE alone
-        s = sweep.SweepSpec(**{**base.__dict__, "method_args": {"rank": rank}})
+        s = dataclasses.replace(base, method_args={"rank": rank})
         assert by_rank[rank]["tasks"] == ["rte"]
         assert by_rank[rank]["mean_validation"] == sweep.summary(s, url)["validation"]
         assert by_rank[rank]["stsb"] is None
     assert by_rank[2]["mrpc"] is not None and by_rank[4]["mrpc"] is None
     assert rows[0]["selected"] and not rows[1]["selected"]
     assert rows[0]["mean_validation"] >= rows[1]["mean_validation"]
+
+
+def test_the_profile_sweep_block_sets_rounds_seeds_and_trial_settings():
+    s = sweep.SweepSpec("rte", "read", "default")
+    assert (s.lr_rounds, s.seeds) == (2, 1)
+    p = s.params(1e-3, 0)
+    assert (p.max_train, p.max_epochs, p.patience) == (1000, 4, 2)  # params/default.yaml sweep.runs
+    p = sweep.SweepSpec("rte", "read", "default", overrides={"max_train": 50, "max_epochs": None}).params(1e-3, 0)
+    assert (p.max_train, p.max_epochs) == (50, 4)  # explicit overrides win; None keeps
+    assert sweep.SweepSpec("rte", "read", "paper", backbone="minilm").lr_rounds == 32
