@@ -1,5 +1,11 @@
 """Cost accounting that works on any device.
 
+``EnergyMeter`` records a run's energy from every source the machine has, side by side, and says why a
+source is missing instead of inventing a number: NVIDIA's total-energy counter (NVML, Volta and newer),
+READ's estimate from sampled GPU utilisation (eq. 3/4), and Intel RAPL package energy (Linux powercap).
+Written here because no maintained library reports these three together with per-source reasons
+(codecarbon estimates from TDP when sensors are missing; we never estimate what was not measured).
+
 ``SavedTensorMeter`` counts the bytes autograd stores for backward (the "forward with gradient"
 activations of the selective fine-tuning paper's Table 1) with
 ``torch.autograd.graph.saved_tensors_hooks``. Parameters saved by layers (a linear layer keeps its
@@ -9,8 +15,16 @@ or several views of one buffer, count once, at the size of the buffer they keep 
 
 from __future__ import annotations
 
+import glob
+import threading
+import time
+from pathlib import Path
+
 import torch
 from torch import nn
+
+V100_KW = 0.25  # READ Section 3.4: p0 for an NVIDIA V100 32 GB
+RAPL_ROOT = "/sys/class/powercap"
 
 
 class SavedTensorMeter:
@@ -60,3 +74,156 @@ def trainable_parameters(method: str, backbone: str, method_args: dict | None = 
     model = methods.build(method, bb, num_labels, method_args)
     trainable, total = methods.count_parameters(model)
     return {"trainable": trainable, "total": total, "backbone": own + (head.weight.numel() if tied else 0)}
+
+
+def paper_energy_kwh(utilization_percent: list[float], interval_s: float, p0_kw: float = V100_KW) -> float:
+    """READ eq. (3) as a sum: E = sum_i u_i / 100 * p0 * dt, in kWh, for utilisation samples u_i (percent, summed
+    over GPUs) taken every ``interval_s`` seconds. With one-minute samples this is eq. (4): U_bar * p0 / 6000."""
+    return sum(utilization_percent) * p0_kw * interval_s / 360_000  # one division: exact for exact inputs
+
+
+def rapl_kwh(start_uj: dict[str, int], end_uj: dict[str, int], max_uj: dict[str, int]) -> float:
+    """Package energy between two RAPL readings (microjoules per domain, counters wrap at ``max_uj``), in kWh."""
+    total = 0
+    for domain, begin in start_uj.items():
+        delta = end_uj[domain] - begin
+        total += delta if delta >= 0 else delta + max_uj[domain]
+    return total / 3.6e12
+
+
+class EnergyMeter:
+    """Context manager: ``meter.result()`` has one entry per source, each ``{"kwh": float}`` or
+    ``{"kwh": None, "reason": str}``, plus the sampling settings.
+
+    ``interval_s`` is the utilisation sampling period (the paper samples once a minute); ``p0_kw`` the power
+    at full utilisation for eq. (4); ``gpus`` the NVML device indices (default: all).
+    """
+
+    def __init__(self, interval_s: float = 60.0, p0_kw: float = V100_KW, gpus: list[int] | None = None):
+        self.interval_s, self.p0_kw, self.gpus = interval_s, p0_kw, gpus
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._handles: list = []
+        self._nvml_reason: str | None = None
+        self._counter_reason: str | None = None
+
+    # ---------------------------------------------------------------- NVML
+    def _nvml_start(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            indices = self.gpus if self.gpus is not None else range(pynvml.nvmlDeviceGetCount())
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+        except Exception as err:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError, ...
+            self._nvml_reason = f"NVML unavailable: {type(err).__name__}: {err}"
+            return
+        if not self._handles:
+            self._nvml_reason = "NVML found no GPU"
+            return
+        try:
+            self._energy_start = [pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]  # mJ
+        except Exception as err:  # NotSupported before Volta
+            self._counter_reason = f"NVML total-energy counter unsupported: {type(err).__name__}: {err}"
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _utilization(self) -> float:
+        import pynvml
+
+        return float(sum(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.samples.append(self._utilization())
+
+    # ---------------------------------------------------------------- RAPL
+    @staticmethod
+    def _rapl_domains() -> dict[str, Path]:
+        domains = {}
+        for folder in sorted(glob.glob(f"{RAPL_ROOT}/intel-rapl:*")):
+            path = Path(folder)
+            if path.name.count(":") == 1 and (path / "energy_uj").exists():  # packages, not their sub-domains
+                domains[path.name] = path
+        return domains
+
+    def _rapl_read(self) -> dict[str, int]:
+        return {name: int((path / "energy_uj").read_text()) for name, path in self._domains.items()}
+
+    def _rapl_start(self) -> None:
+        self._rapl_reason = None
+        if not Path(RAPL_ROOT).exists():
+            self._rapl_reason = f"no {RAPL_ROOT} on this machine"
+            return
+        self._domains = self._rapl_domains()
+        try:
+            self._rapl_begin = self._rapl_read()
+            self._rapl_max = {n: int((p / "max_energy_range_uj").read_text()) for n, p in self._domains.items()}
+        except OSError as err:  # energy_uj is root-only on recent kernels
+            self._rapl_reason = f"RAPL not readable: {err}"
+            return
+        if not self._domains:
+            self._rapl_reason = f"no RAPL package domain under {RAPL_ROOT}"
+
+    # ---------------------------------------------------------------- the context
+    def __enter__(self) -> EnergyMeter:
+        self._start = time.monotonic()
+        self._nvml_start()
+        self._rapl_start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.monotonic() - self._start
+        self._stop.set()
+        self._energy_end = None
+        if self._nvml_reason is None:
+            self._thread.join()
+            if self._counter_reason is None:
+                import pynvml
+
+                self._energy_end = [pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
+        if self._rapl_reason is None:
+            self._rapl_end = self._rapl_read()
+
+    def result(self) -> dict:
+        """Energy per source in kWh (or why it was not measured), the wall time and the sampling settings."""
+        out: dict = {"seconds": self.seconds, "interval_s": self.interval_s, "p0_kw": self.p0_kw}
+        if self._nvml_reason is not None:
+            out["nvml_counter"] = out["paper_eq4"] = {"kwh": None, "reason": self._nvml_reason}
+        else:
+            if self._counter_reason is not None:
+                out["nvml_counter"] = {"kwh": None, "reason": self._counter_reason}
+            else:
+                used = sum(e - s for s, e in zip(self._energy_start, self._energy_end, strict=True))
+                out["nvml_counter"] = {"kwh": used / 3.6e9}  # mJ -> kWh
+            out["paper_eq4"] = {"kwh": paper_energy_kwh(self.samples, self.interval_s, self.p0_kw),
+                                "samples": len(self.samples)}
+            if not self.samples:
+                out["paper_eq4"]["note"] = f"run shorter than one sampling interval ({self.interval_s} s): 0 samples"
+        if self._rapl_reason is not None:
+            out["rapl"] = {"kwh": None, "reason": self._rapl_reason}
+        else:
+            out["rapl"] = {"kwh": rapl_kwh(self._rapl_begin, self._rapl_end, self._rapl_max)}
+        return out
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (AdamW: two moments per trained parameter, and step counters)."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t))
+
+
+def training_memory(model: nn.Module, optimizer: torch.optim.Optimizer, activation_bytes: int, micro_batch: int,
+                    device: torch.device) -> dict:
+    """A run's training memory in bytes: the CUDA peak of allocated memory (GPU runs; reset when training starts)
+    and, on any device, the accounted breakdown of the selective fine-tuning paper's Table 1 — weights, the
+    activations autograd stored for one micro-batch, gradients (one per trained parameter) and optimizer state."""
+    parts = {"weights": parameter_bytes(model), "activations": activation_bytes,
+             "gradients": parameter_bytes(model, trainable_only=True), "optimizer": optimizer_state_bytes(optimizer)}
+    out = {"accounted": parts, "accounted_total": sum(parts.values()), "activations_micro_batch": micro_batch}
+    if device.type == "cuda":
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        out["cuda_peak_bytes"] = None
+        out["cuda_reason"] = f"not measured: the run was on {device.type}"
+    return out

@@ -43,6 +43,7 @@ class RunParams:
     cache: str = "memory"  # hidden-state cache for methods that train from backbone states: off|memory|disk
     cache_dtype: str = "float32"  # float16 halves the cache; float32 gives the same numbers as no cache
     device: str = "auto"
+    energy_interval: float = 60.0  # seconds between GPU-utilisation samples for READ eq. (4) (the paper: 1 min)
     profile: str = "default"
     method_args: dict[str, Any] = field(default_factory=dict)
 
@@ -75,6 +76,8 @@ class RunParams:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null (no subsampling), got {value}")
+        if self.energy_interval <= 0:
+            raise ConfigError(f"energy_interval must be > 0 seconds, got {self.energy_interval}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         from readlib.cache import DTYPES, MODES

@@ -14,6 +14,7 @@ import random
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import readlib
-from readlib import backbones, cache, data, methods
+from readlib import backbones, cache, costs, data, methods
 from readlib.metrics import compute_metrics, majority_baseline
 from readlib.params import RunParams
 
@@ -265,45 +266,53 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
     epochs = tqdm(
         range(1, params.max_epochs + 1), desc=f"{params.method} on {params.task}", disable=not progress
     )
-    for epoch in epochs:
-        model.train()
-        epoch_start, losses = time.time(), []
-        perm = torch.randperm(len(train), generator=order)
-        steps = perm.split(params.batch_size)
-        for step in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            micros = step.split(params.micro_batch_size)
-            for micro in micros[procs.process_index::procs.num_processes]:  # this process's share of the step
-                logits, labels = forward(model, train, micro, device)
-                loss = task_loss(logits, labels, task.is_regression) * (len(micro) / len(step))
-                loss.backward()
-                step_loss += loss.item()
-            if procs.num_processes > 1:
-                step_loss = sum_over_processes(trained, step_loss, device)
-            if not math.isfinite(step_loss):
-                status = f"stopped: non-finite training loss at epoch {epoch}"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    activation_bytes = None
+    with costs.EnergyMeter(params.energy_interval) as energy:  # training and validation, as READ Table 1
+        for epoch in epochs:
+            model.train()
+            epoch_start, losses = time.time(), []
+            perm = torch.randperm(len(train), generator=order)
+            steps = perm.split(params.batch_size)
+            for step in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                micros = step.split(params.micro_batch_size)
+                for micro in micros[procs.process_index::procs.num_processes]:  # this process's share of the step
+                    # the activations one micro-batch stores, counted once (memory breakdown of the record)
+                    with costs.SavedTensorMeter(model) if activation_bytes is None else nullcontext() as meter:
+                        logits, labels = forward(model, train, micro, device)
+                        loss = task_loss(logits, labels, task.is_regression) * (len(micro) / len(step))
+                    activation_bytes = meter.bytes if activation_bytes is None else activation_bytes
+                    loss.backward()
+                    step_loss += loss.item()
+                if procs.num_processes > 1:
+                    step_loss = sum_over_processes(trained, step_loss, device)
+                if not math.isfinite(step_loss):
+                    status = f"stopped: non-finite training loss at epoch {epoch}"
+                    break
+                optimizer.step()
+                losses.append(step_loss)
+            if status != "ok":
                 break
-            optimizer.step()
-            losses.append(step_loss)
-        if status != "ok":
-            break
-        val_pred = predictions("validation")
-        val = compute_metrics(params.task, val_pred, encoded["validation"].labels.numpy())
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_score": val["score"],
-               "seconds": time.time() - epoch_start}
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-        epochs.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val['score']:.4f}")
-        if val["score"] > best_score:
-            best_score, best_val, bad_epochs = val["score"], val, 0
-            best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= params.patience:
-                break
+            val_pred = predictions("validation")
+            val = compute_metrics(params.task, val_pred, encoded["validation"].labels.numpy())
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_score": val["score"],
+                   "seconds": time.time() - epoch_start}
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
+            epochs.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val['score']:.4f}")
+            if val["score"] > best_score:
+                best_score, best_val, bad_epochs = val["score"], val, 0
+                best_state = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+            else:
+                bad_epochs += 1
+                if bad_epochs >= params.patience:
+                    break
 
+    memory = costs.training_memory(model, optimizer, activation_bytes or 0, params.micro_batch_size, device)
     test = None
     if best_state is not None:  # evaluate the best validation checkpoint on test
         model.load_state_dict(best_state, strict=False)
@@ -330,6 +339,8 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         "wall_time_s": time.time() - start,
         "device": device_description(device),
         "processes": procs.num_processes,
+        "energy": energy.result(),
+        "memory": memory,
         "profile": params.profile,
         "backbone": params.backbone,
         "backbone_source": backbone.source,

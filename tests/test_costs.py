@@ -1,11 +1,14 @@
 import copy
 import dataclasses
+import sys
+import time
+import types
 
 import pytest
 import torch
 from torch import nn
 
-from readlib import backbones, methods
+from readlib import backbones, costs, methods
 from readlib.costs import SavedTensorMeter, parameter_bytes
 
 F32 = 4  # bytes per float32
@@ -168,3 +171,78 @@ def test_parameter_bytes_read_minilm(minilm):
     model = methods.build("read", minilm, 2)
     assert parameter_bytes(model, trainable_only=True) == 592_130 * F32
     assert parameter_bytes(model) == (592_130 + 22_565_376) * F32
+
+
+# ---------------------------------------------------------------- energy (READ Section 3.4)
+
+
+def test_paper_eq4_on_recorded_one_minute_traces():
+    # eq. (4): E = U_bar * p0 / 6000 with U_bar the sum of per-minute utilisation samples (percent)
+    assert costs.paper_energy_kwh([87, 92, 45, 0, 100], 60.0) == 0.0135  # U_bar = 324, p0 = 0.25 kW (V100)
+    assert costs.paper_energy_kwh([100] * 60, 60.0) == 0.25  # one hour at full load = p0 * 1 h
+    assert costs.paper_energy_kwh([100] * 30 + [50] * 60, 60.0, p0_kw=0.4) == 0.4  # 6000 percent-minutes
+    assert costs.paper_energy_kwh([73] * 120, 30.0) == 73 * 120 * 0.25 / 12_000  # 30 s samples: half the weight
+    assert costs.paper_energy_kwh([], 60.0) == 0.0
+
+
+def test_rapl_counter_wraps():
+    start, end, top = {"intel-rapl:0": 900, "intel-rapl:1": 10}, {"intel-rapl:0": 100, "intel-rapl:1": 3_600_010}, \
+        {"intel-rapl:0": 1000, "intel-rapl:1": 2**32}
+    assert costs.rapl_kwh(start, end, top) == (200 + 3_600_000) / 3.6e12
+
+
+def test_energy_meter_says_why_nothing_was_measured_here(monkeypatch, tmp_path):
+    monkeypatch.setattr(costs, "RAPL_ROOT", str(tmp_path / "powercap"))
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails like on a machine without the package
+    with costs.EnergyMeter(interval_s=0.01) as meter:
+        time.sleep(0.02)
+    result = meter.result()
+    assert result["nvml_counter"]["kwh"] is None and "NVML unavailable" in result["nvml_counter"]["reason"]
+    assert result["paper_eq4"]["kwh"] is None
+    assert result["rapl"] == {"kwh": None, "reason": f"no {tmp_path / 'powercap'} on this machine"}
+
+
+class FakeNvml(types.ModuleType):
+    """Two GPUs replaying a recorded utilisation trace; energy counters in mJ."""
+
+    def __init__(self, trace):
+        super().__init__("pynvml")
+        self.trace, self.energy = list(trace), [1_000_000, 5_000_000]
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        self.energy[h] += 360_000  # 0.1 Wh per read
+        return self.energy[h]
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        value = self.trace.pop(0) if self.trace else 0
+        return types.SimpleNamespace(gpu=value)
+
+
+def test_energy_meter_reads_nvml_and_rapl_side_by_side(monkeypatch, tmp_path):
+    fake = FakeNvml([40, 60, 100, 100, 20, 80])  # per-GPU samples: two GPUs per sampling tick
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    package = tmp_path / "powercap" / "intel-rapl:0"
+    package.mkdir(parents=True)
+    (package / "energy_uj").write_text("1000")
+    (package / "max_energy_range_uj").write_text("262143328850")
+    (tmp_path / "powercap" / "intel-rapl:0:0").mkdir()  # a sub-domain (core): not counted again
+    monkeypatch.setattr(costs, "RAPL_ROOT", str(tmp_path / "powercap"))
+    with costs.EnergyMeter(interval_s=0.05, p0_kw=0.3) as meter:
+        time.sleep(0.18)
+        (package / "energy_uj").write_text(str(1000 + 7_200_000_000))  # 2 Wh
+    result = meter.result()
+    assert result["nvml_counter"] == {"kwh": 2 * 360_000 / 3.6e9}  # each GPU's counter moved by 0.1 Wh
+    n = result["paper_eq4"]["samples"]
+    assert n == len(meter.samples) >= 2
+    assert meter.samples == [100, 200, 100][:n] + [0] * (n - 3)  # summed over the two GPUs, in order
+    assert result["paper_eq4"]["kwh"] == costs.paper_energy_kwh(meter.samples, 0.05, 0.3)
+    assert result["rapl"] == {"kwh": 7_200_000_000 / 3.6e12}

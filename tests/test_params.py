@@ -9,7 +9,7 @@ from readlib.params import RunParams, load_profile, make_params
 
 RUN_FIELDS = ("task, method, backbone, lr, max_epochs, patience, batch_size, micro_batch_size, max_length, "
               "text_to_text, weight_decay, seed, split_seed, max_train, max_eval, data_dir, cache, cache_dtype, "
-              "device, profile")
+              "device, energy_interval, profile")
 
 
 def error(**overrides) -> str:

@@ -28,6 +28,7 @@ def stable(record: dict) -> dict:
     out = {k: v for k, v in record.items() if k not in VOLATILE}
     out["history"] = [{k: v for k, v in row.items() if k != "seconds"} for row in record["history"]]
     out["cache"] = {k: v for k, v in record["cache"].items() if k != "seconds"}
+    out["energy"] = {k: v for k, v in record["energy"].items() if k != "seconds"}
     return out
 
 
@@ -84,7 +85,8 @@ def test_record_fields(record):
 def test_record_has_the_readme_fields(record):
     # README "Result record", in its order
     readme = ("task method method_args lr seed validation test majority_baseline epochs_run best_epoch "
-              "history status trainable_params total_params trainable_percent wall_time_s device processes profile "
+              "history status trainable_params total_params trainable_percent wall_time_s device processes energy "
+              "memory profile "
               "backbone backbone_source backbone_pretrained formulation cache data batch_size micro_batch_size "
               "max_length max_epochs patience weight_decay git_commit readlib_version torch_version "
               "finished_at").split()
@@ -92,6 +94,20 @@ def test_record_has_the_readme_fields(record):
     assert set(record["data"]) == {"task", "source", "split_seed", "sizes_full", "sizes_used", "subsample_seed"}
     assert all(set(row) == {"epoch", "train_loss", "val_score", "seconds"} for row in record["history"])
     assert set(record["majority_baseline"]) == {"validation", "test"}
+    assert set(record["energy"]) == {"seconds", "interval_s", "p0_kw", "nvml_counter", "paper_eq4", "rapl"}
+    assert set(record["memory"]["accounted"]) == {"weights", "activations", "gradients", "optimizer"}
+
+
+def test_record_memory_is_the_accounted_breakdown(record):
+    mem = record["memory"]
+    parts = mem["accounted"]
+    assert mem["accounted_total"] == sum(parts.values()) and mem["cuda_peak_bytes"] is None  # CPU run
+    assert parts["gradients"] == 4 * record["trainable_params"]  # float32, one gradient per trained parameter
+    assert parts["weights"] == 4 * record["total_params"]
+    steps = parts["optimizer"] - 2 * parts["gradients"]  # AdamW: two moments per value + a float32 step per tensor
+    assert steps % 4 == 0 and 0 < steps // 4 < 20
+    assert 0 < parts["activations"] < parts["weights"]  # READ from the cache: only its own small activations
+    assert mem["activations_micro_batch"] == 8
 
 
 def test_record_metrics_and_history(record):
