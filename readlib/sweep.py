@@ -49,6 +49,8 @@ from readlib.params import load_sweep, make_params
 LR_RANGE = (1e-6, 3e-3)  # READ Section 3.3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
+# run parameters that do not change a run's result (searched, varied per seed, or bookkeeping): not in study names
+NOT_IN_NAME = ("lr", "seed", "device", "cache", "energy_interval")
 
 
 def default_storage() -> str:
@@ -99,7 +101,7 @@ class SweepSpec:
         from readlib import methods
 
         params = self.params(LR_RANGE[0], 0)
-        fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in ("lr", "seed", "device", "cache")}
+        fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_NAME}
         fixed["method_args"] = dataclasses.asdict(methods.make_config(self.method, self.method_args))  # defaults
         return "|".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(fixed.items()))
 

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from readlib import backbones, sweep
 from readlib.errors import ConfigError, DataNotFoundError
+from readlib.params import RunParams
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -49,7 +50,8 @@ def test_study_name_changes_with_what_changes_results_only():
     assert spec(method="lora").name != base.name
     keys = {item.split("=")[0] for item in base.name.split("|")}
     assert {"task", "method", "backbone", "max_train", "method_args", "profile"} <= keys
-    assert not keys & {"lr", "seed", "device", "cache"}  # searched, varied, or without effect on results
+    assert not keys & {"lr", "seed", "device", "cache", "energy_interval"}  # searched, varied, or no effect
+    assert keys | {"lr", "seed", "device", "cache", "energy_interval", "method"} >= set(RunParams.__dataclass_fields__)
 
 
 @pytest.mark.parametrize("changes, error, needle", [
