@@ -93,7 +93,8 @@ class SweepSpec:
         if self.seeds < 1:
             raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
         params = self.params(LR_RANGE[0], 0)
-        data.check_available(params.task, params.data_dir)
+        if data.check_available(params.task, params.data_dir) == "hub":
+            data.load_raw(params.task, params.data_dir)  # download once (or fail with the paragraph) before any trial
 
     @property
     def name(self) -> str:
