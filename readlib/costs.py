@@ -32,13 +32,15 @@ class SavedTensorMeter:
 
     def __init__(self, model: nn.Module | None = None):
         params = model.parameters() if model is not None else ()
-        self._seen = {p.untyped_storage().data_ptr() for p in params}
+        self._seen = {p.untyped_storage()._cdata for p in params}
         self.bytes = 0
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        # keyed by the storage object itself (not its data pointer), so that tensors on the meta device, which
+        # all have pointer 0, are counted too: shape-only accounting of models that do not fit in memory
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
+        if storage._cdata not in self._seen:
+            self._seen.add(storage._cdata)
             self.bytes += storage.nbytes()
         return tensor
 
@@ -227,3 +229,43 @@ def training_memory(model: nn.Module, optimizer: torch.optim.Optimizer, activati
         out["cuda_peak_bytes"] = None
         out["cuda_reason"] = f"not measured: the run was on {device.type}"
     return out
+
+
+def _count_cpu_sdpa() -> None:
+    """Give the CPU flash-attention kernels of SDPA their FLOP formulas (PyTorch counts them as 0 otherwise)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop, sdpa_flop
+
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, sdpa_backward_flop)):
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of ``fn()`` (a forward, or forward and backward), counted by
+    ``torch.utils.flop_counter`` (matmuls and attention; 2 per multiply-add), SDPA on CPU included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _count_cpu_sdpa()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def latency(fn, warmup: int = 2, repeats: int = 10) -> dict:
+    """Wall time of ``fn()`` in seconds: ``warmup`` untimed calls, then the median (and all) of ``repeats``
+    timed ones; CUDA work is synchronised before each clock read."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"median_s": sorted(times)[len(times) // 2], "times_s": times, "warmup": warmup, "repeats": repeats}

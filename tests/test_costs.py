@@ -246,3 +246,29 @@ def test_energy_meter_reads_nvml_and_rapl_side_by_side(monkeypatch, tmp_path):
     assert meter.samples == [100, 200, 100][:n] + [0] * (n - 3)  # summed over the two GPUs, in order
     assert result["paper_eq4"]["kwh"] == costs.paper_energy_kwh(meter.samples, 0.05, 0.3)
     assert result["rapl"] == {"kwh": 7_200_000_000 / 3.6e12}
+
+
+# ---------------------------------------------------------------- FLOPs and latency
+
+
+def test_flops_of_a_linear_layer_by_hand():
+    layer, x = nn.Linear(64, 32), torch.randn(8, 64, requires_grad=True)
+    assert costs.count_flops(lambda: layer(x)) == 2 * 8 * 64 * 32  # one multiply-add per weight and row
+    # backward: grad of the input (8x32 @ 32x64) and of the weight (32x8 @ 8x64), each 2*8*32*64
+    assert costs.count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 8 * 64 * 32
+
+
+def test_cpu_sdpa_flops_equal_eager_attention():
+    q = torch.randn(2, 4, 16, 8)  # batch 2, 4 heads, 16 tokens, head dim 8
+    eager = costs.count_flops(lambda: torch.softmax(q @ q.transpose(-1, -2) / 8**0.5, -1) @ q)
+    sdpa = costs.count_flops(lambda: nn.functional.scaled_dot_product_attention(q, q, q))
+    assert eager == sdpa == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # Q K^T and P V, 2 FLOPs per multiply-add
+
+
+def test_latency_is_the_median_of_timed_calls():
+    calls = []
+    result = costs.latency(lambda: calls.append(time.sleep(0.001)), warmup=3, repeats=5)
+    assert len(calls) == 8 and len(result["times_s"]) == 5
+    assert result["median_s"] == sorted(result["times_s"])[2] and result["median_s"] >= 0.001
+    with pytest.raises(ValueError):
+        costs.latency(lambda: None, repeats=0)
