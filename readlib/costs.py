@@ -239,7 +239,7 @@ def _count_cpu_sdpa() -> None:
     for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, sdpa_flop),
                         (aten._scaled_dot_product_flash_attention_for_cpu_backward, sdpa_backward_flop)):
         if op not in flop_registry:
-            register_flop_formula(op)(formula)
+            register_flop_formula(op, get_raw=True)(formula)  # the formulas are already shape-wrapped
 
 
 def count_flops(fn) -> int:
