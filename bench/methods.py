@@ -39,19 +39,6 @@ from readlib.train import task_loss
 EXTRA_VARIANTS = ["read:hidden=128", "selective:k=4", "selective:k=64", "selective:lora_rank=32"]
 
 
-def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
-    """'method:key=value,key=value' -> (method, {key: value}); values stay strings (the registry converts them)."""
-    name, _, rest = spec.partition(":")
-    args = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"bad variant '{spec}': use method:key=value,...")
-        args[key] = value
-    methods.make_config(name, args)  # unknown method or hyperparameter: fail before any model is built
-    return name, args
-
-
 def default_variants() -> list[str]:
     return list(methods.METHODS) + [v for v in EXTRA_VARIANTS if v.partition(":")[0] in methods.METHODS]
 
@@ -82,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     specs = args.methods.split(",") if args.methods else default_variants()
     specs = ["full"] + [s for s in specs if s != "full"]  # the reference of every ratio
-    variants = {spec: parse_variant(spec) for spec in specs}
+    variants = {spec: methods.parse_variant(spec) for spec in specs}
 
     torch.manual_seed(0)
     probe = backbones.load(args.backbone)

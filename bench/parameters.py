@@ -4,7 +4,10 @@
     python bench/parameters.py --backbones random-t5-small,random-t5-base,random-t5-large,random-t5-3b
 
 Models are built on PyTorch's meta device (shapes only), each method at its defaults (READ Table 7's final
-architectures: READ GRU/256, Adapter 64, LoRA 32, prompt 20, LST side dim 96), text-to-text as in the paper.
+architectures: READ GRU/256, Adapter 64, LoRA 32, prompt 20, LST side dim 96), text-to-text as in the paper,
+plus two variants that explain the paper's figures: ``adapter:attention=false`` (one adapter per block, which
+gives Table 1's 0.96 %) and ``lst:drop_every=0`` (no layer dropping, READ Table 4's 5.04 M). ``--methods``
+takes any list of ``method[:key=value,...]``.
 "Percent" uses the paper's denominator: the backbone with its tied LM head counted a second time (247.58 M
 for T5-base, Table 4). Written to ``outputs/tables/parameters.csv``.
 """
@@ -25,23 +28,26 @@ PAPER_T5_BASE = {
     "full": (247.58, 100.0), "adapter": (None, 0.96), "lora": (None, 0.48), "bitfit": (None, 0.06),
     "prompt": (None, 0.01), "read": (1.97, 0.80), "lst": (5.04, 2.00),
 }
+VARIANTS = ["adapter:attention=false", "lst:drop_every=0"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="random-t5-base")
+    parser.add_argument("--methods", default=",".join([*methods.METHODS, *VARIANTS]))
     args = parser.parse_args()
     rows = []
     for backbone in args.backbones.split(","):
-        for method in methods.METHODS:
+        for spec in args.methods.split(","):
+            method, hparams = methods.parse_variant(spec)
             try:
-                counts = trainable_parameters(method, backbone)
+                counts = trainable_parameters(method, backbone, hparams)
             except ConfigError as err:
-                print(f"{method} on {backbone}: not applicable: {err}")
+                print(f"{spec} on {backbone}: not applicable: {err}")
                 continue
             trainable = counts["backbone"] if method == "full" else counts["trainable"]  # paper: untied count
-            paper = PAPER_T5_BASE.get(method, (None, None)) if backbone == "random-t5-base" else (None, None)
-            rows.append({"backbone": backbone, "method": method, "trainable_M": trainable / 1e6,
+            paper = PAPER_T5_BASE.get(spec, (None, None)) if backbone == "random-t5-base" else (None, None)
+            rows.append({"backbone": backbone, "method": spec, "trainable_M": trainable / 1e6,
                          "percent": 100 * trainable / counts["backbone"],
                          "paper_M": paper[0], "paper_percent": paper[1]})
     table = pd.DataFrame(rows)

@@ -420,3 +420,12 @@ def test_matrix_short_training_lowers_the_loss(name, t2t):
     with torch.no_grad():
         after = tiny_loss(model.eval(), batch, labels).item()
     assert after < (before - 0.3 if t2t else 0.7 * before), (before, after)
+
+
+def test_parse_variant():
+    assert methods.parse_variant("read") == ("read", {})
+    assert methods.parse_variant("read:hidden=128,rnn=lstm") == ("read", {"hidden": "128", "rnn": "lstm"})
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'rank' for method 'read'"):
+        methods.parse_variant("read:rank=4")
+    with pytest.raises(ConfigError, match="bad variant"):
+        methods.parse_variant("lora:8")

@@ -69,6 +69,19 @@ def make_config(name: str, args: dict[str, Any] | None = None):
     return config
 
 
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """'method:key=value,key=value' -> (method, {key: value}), checked against the method's Config."""
+    name, _, rest = spec.partition(":")
+    args = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"bad variant '{spec}': use method:key=value,...")
+        args[key] = value
+    make_config(name, args)  # unknown method or hyperparameter: fail before any model is built
+    return name, args
+
+
 def build(name: str, backbone, num_labels: int, args: dict[str, Any] | None = None) -> nn.Module:
     return get_method(name).build(backbone, num_labels, make_config(name, args))
 
