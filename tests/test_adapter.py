@@ -4,13 +4,11 @@ Every model is built on its own backbone (the session's MiniLM deep-copied, tiny
 attaches its adapters to the backbone in place.
 """
 
-import copy
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import assert_restores, own_copy, randomize, t5_batch, train_steps
 from torch.nn import functional as F
 
 from readlib import backbones, methods
@@ -29,9 +27,6 @@ D, LAYERS = 384, 6
 T5_D, T5_LAYERS = 64, 2
 
 
-def own_copy(backbone):
-    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
-
 
 def t5_text():
     return backbones.load("random-t5-tiny")
@@ -45,15 +40,6 @@ def encode(backbone):
     enc = backbone.tokenizer(TEXTS, PAIRS, padding=True, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
-
-def t5_batch(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 1000, (3, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[2, 4:] = 0  # one padded source
-    labels = torch.randint(5, 1000, (3, 4), generator=gen)
-    decoder_input_ids = torch.cat([torch.zeros(3, 1, dtype=torch.long), labels[:, :-1]], 1)
-    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_input_ids}, labels
 
 
 def head(num_labels, d=D):
@@ -370,34 +356,12 @@ def test_trainable_state_round_trip(minilm, tmp_path, path):
     torch.manual_seed(2)
     restored, _ = build(path, minilm)
     restored.eval()
-    with torch.no_grad():
-        assert not torch.equal(restored(**batch), trained(**batch))
-        result = restored.load_state_dict(torch.load(tmp_path / "adapter.pt"), strict=False)
-        assert result.unexpected_keys == []
-        assert set(result.missing_keys) == set(restored.state_dict()) - set(state)  # the frozen backbone
-        assert torch.equal(restored(**batch), trained(**batch))
+    assert_restores(restored, trained, tmp_path / "adapter.pt", state, batch)
 
 
 # ---------------------------------------------------------------- training
 
 
-def train_steps(model, batch, labels, loss_fn, lr, steps=15):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    def loss():
-        return loss_fn(model(**batch), labels)
-
-    model.eval()
-    with torch.no_grad():
-        first = loss().item()
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        return first, loss().item()
 
 
 def test_short_training_lowers_the_loss_encoder(minilm):

@@ -4,12 +4,10 @@ Each of them changes (or wraps) the backbone it is given, so every model here is
 session's MiniLM deep-copied, the tiny T5s loaded fresh.
 """
 
-import copy
-import dataclasses
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import assert_restores, own_copy, randomize, t5_batch, train_steps
 
 from readlib import backbones, methods
 from readlib.errors import ConfigError
@@ -26,9 +24,6 @@ D, FFN, LAYERS = 384, 1536, 6
 T5_D, T5_INNER, T5_FFN, T5_LAYERS = 64, 64, 128, 2
 
 
-def own_copy(backbone):
-    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
-
 
 def t5_text():
     return backbones.load("random-t5-tiny")
@@ -38,15 +33,6 @@ def encode(backbone):
     enc = backbone.tokenizer(TEXTS, PAIRS, padding=True, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
-
-def t5_batch(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 1000, (3, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[2, 4:] = 0  # one padded source
-    labels = torch.randint(5, 1000, (3, 4), generator=gen)
-    decoder_input_ids = torch.cat([torch.zeros(3, 1, dtype=torch.long), labels[:, :-1]], 1)
-    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_input_ids}, labels
 
 
 def head(num_labels, d=D):
@@ -289,34 +275,12 @@ def test_trainable_state_round_trip(minilm, tmp_path, name, path):
     torch.save(state, tmp_path / f"{name}.pt")
 
     restored, _ = build_for(name, path, minilm, seed=2)
-    with torch.no_grad():
-        assert not torch.equal(restored(**batch), trained(**batch))
-        result = restored.load_state_dict(torch.load(tmp_path / f"{name}.pt"), strict=False)
-        assert result.unexpected_keys == []
-        assert set(result.missing_keys) == set(restored.state_dict()) - set(state)  # the frozen backbone
-        assert torch.equal(restored(**batch), trained(**batch))
+    assert_restores(restored, trained, tmp_path / f"{name}.pt", state, batch)
 
 
 # ---------------------------------------------------------------- training
 
 
-def train_steps(model, batch, labels, loss_fn, lr, steps=15):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    def loss():
-        return loss_fn(model(**batch), labels)
-
-    model.eval()
-    with torch.no_grad():
-        first = loss().item()
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        return first, loss().item()
 
 
 @pytest.mark.parametrize("name", BASELINES)

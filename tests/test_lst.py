@@ -4,12 +4,10 @@ save/load, training and the training loop.
 MiniLM is deep-copied per model (the session fixture stays untouched); the tiny T5s are loaded fresh.
 """
 
-import copy
-import dataclasses
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import assert_restores, own_copy, randomize, t5_batch, train_steps
 
 from readlib import backbones, methods
 from readlib.costs import SavedTensorMeter
@@ -27,23 +25,11 @@ D, FFN, LAYERS = 384, 1536, 6
 T5_D, T5_HEADS, T5_KV, T5_FFN, T5_LAYERS = 64, 4, 16, 128, 2
 
 
-def own_copy(backbone):
-    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
-
 
 def encode(backbone):
     enc = backbone.tokenizer(TEXTS, PAIRS, padding=True, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
-
-def t5_batch(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 1000, (3, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[2, 4:] = 0  # one padded source
-    labels = torch.randint(5, 1000, (3, 4), generator=gen)
-    decoder_input_ids = torch.cat([torch.zeros(3, 1, dtype=torch.long), labels[:, :-1]], 1)
-    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_input_ids}, labels
 
 
 def build(path, minilm, args=None, num_labels=2, seed=0):
@@ -377,37 +363,16 @@ def test_trainable_state_round_trip(minilm, tmp_path, path):
 
     restored, _ = build(path, minilm, {"init": "random"}, seed=2)
     restored.eval()
-    with torch.no_grad():
-        assert not torch.equal(restored(**batch), trained(**batch))
-        result = restored.load_state_dict(torch.load(tmp_path / "lst.pt"), strict=False)
-        assert result.unexpected_keys == []
-        assert set(result.missing_keys) == set(restored.state_dict()) - set(state)  # the frozen backbone
-        assert all(k.startswith("frozen.") for k in result.missing_keys)
-        assert torch.equal(restored(**batch), trained(**batch))
+    result = assert_restores(restored, trained, tmp_path / "lst.pt", state, batch)
+    assert all(k.startswith("frozen.") for k in result.missing_keys)
 
 
-def train_steps(model, batch, labels, loss_fn, lr, steps=20):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    def loss():
-        return loss_fn(model(**batch), labels)
-
-    model.eval()
-    with torch.no_grad():
-        first = loss().item()
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss().backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        return first, loss().item()
 
 
 def test_short_training_lowers_the_loss_encoder(minilm):
     model, batch = build("minilm", minilm, {"dropout": 0.0})
-    first, last = train_steps(model, batch, torch.tensor([0, 1, 1]), torch.nn.functional.cross_entropy, lr=3e-3)
+    first, last = train_steps(model, batch, torch.tensor([0, 1, 1]), torch.nn.functional.cross_entropy, lr=3e-3,
+                              steps=20)
     assert last < 0.5 * first, (first, last)
 
 
@@ -418,7 +383,7 @@ def test_short_training_lowers_the_loss_text_to_text(minilm):
     def token_loss(logits, labels):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
-    first, last = train_steps(model, batch, labels, token_loss, lr=3e-2)
+    first, last = train_steps(model, batch, labels, token_loss, lr=3e-2, steps=20)
     assert last < first - 0.3, (first, last)
 
 

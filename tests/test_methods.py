@@ -1,9 +1,8 @@
-import copy
 import dataclasses
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import assert_restores, own_copy, randomize
 
 from readlib import backbones, methods
 from readlib.errors import ConfigError
@@ -25,10 +24,6 @@ def encode(backbone, texts=TEXTS):
 def t5_tiny():
     return backbones.load("random-t5-tiny", text_to_text=False)
 
-
-def own_copy(backbone):
-    """A deep copy, for methods that train the backbone (the shared fixture must stay frozen)."""
-    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
 
 
 def grads_set(model):
@@ -394,12 +389,7 @@ def test_matrix_trained_state_round_trips(name, t2t, tmp_path):
     torch.manual_seed(1)
     restored = methods.build(name, backbones.load("random-t5-tiny", text_to_text=t2t), 2).eval()
     batch, _ = tiny_batch(backbones.load("random-t5-tiny", text_to_text=t2t), t2t)
-    with torch.no_grad():
-        assert not torch.equal(restored(**batch), trained(**batch))
-        result = restored.load_state_dict(torch.load(tmp_path / f"{name}.pt"), strict=False)
-        assert result.unexpected_keys == []
-        assert set(result.missing_keys) == set(restored.state_dict()) - set(state)  # only the frozen backbone
-        assert torch.equal(restored(**batch), trained(**batch))
+    assert_restores(restored, trained, tmp_path / f"{name}.pt", state, batch)
 
 
 @pytest.mark.parametrize("name, t2t", MATRIX)

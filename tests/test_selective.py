@@ -6,12 +6,10 @@ way, so that the unselected positions' keys and values are constants (eq. 4 stor
 no gradient through h_Ḡ). Mixing at the layer inputs alone is *not* the same gradient (tested below).
 """
 
-import copy
-import dataclasses
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import own_copy, randomize
 from scipy.stats import chisquare
 from torch.nn import functional as F
 
@@ -27,9 +25,6 @@ TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the
 PAIRS = ["It sat.", "The sentence is long.", "Yes."]
 D, H, LAYERS = 384, 12, 6  # MiniLM-L6
 
-
-def own_copy(backbone):
-    return dataclasses.replace(backbone, model=copy.deepcopy(backbone.model))
 
 
 def encode(backbone):
