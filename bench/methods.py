@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import pandas as pd
@@ -125,4 +126,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # bad method, variant or backbone: one line, before any model is built
+        sys.exit(f"error: {err}")

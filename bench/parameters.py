@@ -15,6 +15,7 @@ for T5-base, Table 4). Written to ``outputs/tables/parameters.csv``.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import pandas as pd
 
@@ -59,4 +60,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # bad method, variant or backbone: one line, before any model is built
+        sys.exit(f"error: {err}")
