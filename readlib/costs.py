@@ -15,6 +15,7 @@ or several views of one buffer, count once, at the size of the buffer they keep 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import threading
 import time
@@ -269,3 +270,45 @@ def latency(fn, warmup: int = 2, repeats: int = 10) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     return {"median_s": sorted(times)[len(times) // 2], "times_s": times, "warmup": warmup, "repeats": repeats}
+
+
+@contextlib.contextmanager
+def _shape_only_forward():
+    """Let a T5 forward run on the meta device, for a batch of full-length sequences.
+
+    Two data-dependent calls stop it otherwise: transformers' bidirectional-mask helper asks whether the padding
+    mask is all ones (``.all()``; answered "no", so the mask is applied — values change nothing on meta), and
+    ``nonzero`` (READ gathers real tokens; all of them are real here, which is what PyTorch's flag assumes).
+    """
+    import torch.fx.experimental._config as fx_config
+    import transformers.masking_utils as masking
+
+    original = masking._ignore_bidirectional_mask_sdpa
+    masking._ignore_bidirectional_mask_sdpa = lambda *args, **kwargs: False
+    try:
+        with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+            yield
+    finally:
+        masking._ignore_bidirectional_mask_sdpa = original
+
+
+def computed_training_memory(method: str, backbone: str, batch: int, seq: int, target: int = 4,
+                             method_args: dict | None = None) -> dict:
+    """Training-memory breakdown in bytes (weights, stored activations, gradients, AdamW state) of one step of
+    ``method`` on a ``random-t5-*`` architecture, text-to-text, computed on the meta device: no memory, no
+    weights, any size. ``batch`` sequences of ``seq`` source and ``target`` decoder tokens, all real."""
+    from readlib import backbones, methods
+
+    bb = backbones.load(backbone, meta=True)
+    with torch.device("meta"), _shape_only_forward():
+        model = methods.build(method, bb, 2, method_args).train()
+        inputs = {"input_ids": torch.zeros(batch, seq, dtype=torch.long),
+                  "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+                  "decoder_input_ids": torch.zeros(batch, target, dtype=torch.long)}
+        with SavedTensorMeter(model) as meter:
+            model(**inputs)
+    trained = parameter_bytes(model, trainable_only=True)
+    steps = 4 * sum(1 for p in model.parameters() if p.requires_grad)  # AdamW's float32 step count per tensor
+    parts = {"weights": parameter_bytes(model), "activations": meter.bytes, "gradients": trained,
+             "optimizer": 2 * trained + steps}
+    return {"accounted": parts, "accounted_total": sum(parts.values()), "batch": batch, "seq": seq, "target": target}

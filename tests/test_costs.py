@@ -272,3 +272,25 @@ def test_latency_is_the_median_of_timed_calls():
     assert result["median_s"] == sorted(result["times_s"])[2] and result["median_s"] >= 0.001
     with pytest.raises(ValueError):
         costs.latency(lambda: None, repeats=0)
+
+
+# ---------------------------------------------------------------- training memory computed on the meta device
+
+
+@pytest.mark.parametrize("method", ["full", "read", "lst", "lora"])
+def test_meta_device_memory_equals_a_real_step(method):
+    # the same step on real (random) weights, measured: the meta computation must give the same bytes
+    computed = costs.computed_training_memory(method, "random-t5-tiny", batch=3, seq=10, target=4)
+    torch.manual_seed(0)
+    model = methods.build(method, backbones.load("random-t5-tiny"), 2).train()
+    inputs = {"input_ids": torch.randint(5, 1000, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long),
+              "decoder_input_ids": torch.randint(5, 1000, (3, 4))}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with SavedTensorMeter(model) as meter:
+        logits = model(**inputs)
+    logits.sum().backward()
+    optimizer.step()
+    measured = {"weights": parameter_bytes(model), "activations": meter.bytes,
+                "gradients": sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None),
+                "optimizer": costs.optimizer_state_bytes(optimizer)}
+    assert computed["accounted"] == measured
