@@ -7,9 +7,10 @@ Table 1's caption). Here:
 
 - One *search* study per (task, method, method hyperparameters, backbone, profile, run overrides): trial
   ``i`` trains with seed 0 and ``lr ~ log-uniform[1e-6, 3e-3]`` drawn by Optuna's TPE sampler (Bayesian;
-  its first 10 draws are random); optional median pruning on the per-epoch validation score. A
-  *seeds* study (same name + ``|seeds``) holds the re-runs of the best learning rate with seeds 1..S-1;
-  seed 0 is the search trial itself.
+  its first 10 draws are random) — except the first, which tries the method's default learning rate (with a
+  short search, two random draws over 3.5 decades often both miss; with 32 rounds it costs nothing); optional
+  median pruning on the per-epoch validation score. A *seeds* study (same name + ``|seeds``) holds the
+  re-runs of the best learning rate with seeds 1..S-1; seed 0 is the search trial itself.
 - Every finished run's full result record (``readlib.train.fit``) is stored as the trial's user attribute
   ``record`` — tables are built from the storage only. SQLite under ``outputs/`` by default; any SQLAlchemy
   URL (PostgreSQL, MySQL) for many machines.
@@ -141,6 +142,13 @@ def _study(spec: SweepSpec, store, suffix: str = "", sampler_seed: int = 0) -> o
     ))
 
 
+def default_lr(method: str) -> float:
+    """The method's default learning rate (its module's ``DEFAULT_LR``), inside the search range."""
+    from readlib import methods
+
+    return min(max(methods.get_method(method).DEFAULT_LR, LR_RANGE[0]), LR_RANGE[1])
+
+
 def _consumed(trial: optuna.trial.FrozenTrial) -> bool:
     """A unit of the search that is done or being done (a killed trial is replaced by its queued retry)."""
     return trial.state in FINISHED + ACTIVE or (trial.state == TrialState.FAIL and "record" in trial.user_attrs)
@@ -195,11 +203,14 @@ def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int =
     while True:
         search = _study(spec, store)
         optuna.storages.fail_stale_trials(search)  # killed workers' trials -> FAIL + a queued retry
+        if not search.get_trials(deepcopy=False):  # round 1 tries the method's default learning rate
+            search.enqueue_trial({"lr": default_lr(spec.method)}, skip_if_exists=True)
         trials = search.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if waiting or sum(map(_consumed, trials)) < spec.lr_rounds:
             study = _study(spec, store, sampler_seed=len(trials))  # a fresh draw per trial, reproducible alone
-            _run_one(study, _objective(spec, progress), on_trial, f"search {len(trials) + 1}")
+            number = sum(t.state != TrialState.WAITING for t in trials) + 1
+            _run_one(study, _objective(spec, progress), on_trial, f"search {number}")
             ran += 1
             continue
         if any(t.state == TrialState.RUNNING for t in trials):  # another worker's (or a stale) search trial

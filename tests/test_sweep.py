@@ -82,6 +82,7 @@ def test_worker_runs_the_protocol_and_never_repeats_a_finished_run(tmp_path):
     search, seeds = trials(url, s.name), trials(url, s.name + "|seeds")
     assert [t.state for t in search] == [TrialState.COMPLETE] * 3
     assert len({t.params["lr"] for t in search}) == 3 and all(1e-6 <= t.params["lr"] <= 3e-3 for t in search)
+    assert search[0].params["lr"] == 1e-3  # round 1: BitFit's default learning rate
     best = max(search, key=lambda t: (t.value, -t.number))
     assert [(t.state, t.params) for t in seeds] == [(TrialState.COMPLETE, {"lr": best.params["lr"], "seed": 1})]
     for t in search + seeds:  # the full record lives in the storage, with how it was produced
