@@ -36,6 +36,7 @@ import socket
 import statistics
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,7 +209,8 @@ def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int =
         trials = search.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if waiting or sum(map(_consumed, trials)) < spec.lr_rounds:
-            study = _study(spec, store, sampler_seed=len(trials))  # a fresh draw per trial, reproducible alone
+            # a fresh draw per trial, reproducible for one worker, and different for every study
+            study = _study(spec, store, sampler_seed=(zlib.crc32(spec.name.encode()) + len(trials)) % 2**31)
             number = sum(t.state != TrialState.WAITING for t in trials) + 1
             _run_one(study, _objective(spec, progress), on_trial, f"search {number}")
             ran += 1

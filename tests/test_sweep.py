@@ -184,3 +184,15 @@ def test_the_profile_sweep_block_sets_rounds_seeds_and_trial_settings():
     p = sweep.SweepSpec("rte", "read", "default", overrides={"max_train": 50, "max_epochs": None}).params(1e-3, 0)
     assert (p.max_train, p.max_epochs) == (50, 4)  # explicit overrides win; None keeps
     assert sweep.SweepSpec("rte", "read", "paper", backbone="minilm").lr_rounds == 32
+
+
+def test_studies_draw_different_learning_rates(tmp_path):
+    # the sampler's seed depends on the study: two methods do not search the same two learning rates
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    drawn = {}
+    for method in ("bitfit", "lora"):
+        s = spec(method=method, lr_rounds=2, seeds=1)
+        sweep.run_worker(s, url, heartbeat=1)
+        drawn[method] = [t.params["lr"] for t in trials(url, s.name)]
+    assert drawn["bitfit"][0] == 1e-3 and drawn["lora"][0] == 5e-4  # round 1: each method's default
+    assert drawn["bitfit"][1] != drawn["lora"][1]
