@@ -9,7 +9,7 @@ For each variant: the median train-step time (forward + backward + AdamW step, s
 saves for backward (stored activations, ``readlib.costs.SavedTensorMeter``; parameters excluded) and the
 trainable parameters, each also divided by full fine-tuning's. All variants see the same random batch of
 full-length sequences; their steps are interleaved so machine noise hits them alike. The table is also
-written to ``outputs/tables/bench_methods_<backbone>_<batch>x<seq>.csv``.
+written to ``outputs/tables/bench_methods_<backbone>_<batch>x<seq>.{csv,md,tex}``.
 
 Without ``--methods``: every registered method at its defaults, plus READ GRU/128 (on MiniLM, 128/384 is the
 RNN-to-model width ratio of the paper's GRU/256 on T5-base), selective fine-tuning at k = 4 and 64 and with
@@ -34,7 +34,7 @@ import torch
 from readlib import backbones, methods
 from readlib.costs import SavedTensorMeter
 from readlib.errors import ConfigError
-from readlib.report import OUTPUT_DIR
+from readlib.report import write_table
 from readlib.train import task_loss
 
 EXTRA_VARIANTS = ["read:hidden=128", "selective:k=4", "selective:k=64", "selective:lora_rank=32"]
@@ -118,11 +118,10 @@ def main() -> None:
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     for spec, reason in skipped.items():
         print(f"{spec}: not applicable: {reason}")
-    out = OUTPUT_DIR / "tables" / f"bench_methods_{args.backbone}_{args.batch}x{args.seq}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.assign(backbone=args.backbone, batch=args.batch, seq=args.seq, threads=torch.get_num_threads()).to_csv(
-        out, index=False)
-    print(f"written: {out}")
+    paths = write_table(table, f"bench_methods_{args.backbone}_{args.batch}x{args.seq}",
+                        f"Every method vs full fine-tuning: {args.backbone}, {shape}, {torch.get_num_threads()} CPU "
+                        f"threads, median of {args.repeats} steps")
+    print(f"written: {paths['csv']} (and .md, .tex)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ plus two variants that explain the paper's figures: ``adapter:attention=false`` 
 gives Table 1's 0.96 %) and ``lst:drop_every=0`` (no layer dropping, READ Table 4's 5.04 M). ``--methods``
 takes any list of ``method[:key=value,...]``.
 "Percent" uses the paper's denominator: the backbone with its tied LM head counted a second time (247.58 M
-for T5-base, Table 4). Written to ``outputs/tables/parameters.csv``.
+for T5-base, Table 4). Written to ``outputs/tables/parameters.{csv,md,tex}``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pandas as pd
 from readlib import methods
 from readlib.costs import trainable_parameters
 from readlib.errors import ConfigError
-from readlib.report import OUTPUT_DIR
+from readlib.report import write_table
 
 # READ Table 1 (trainable params %, T5-base) and Table 4 (millions / %); None where the paper gives none.
 PAPER_T5_BASE = {
@@ -53,10 +53,8 @@ def main() -> None:
                          "paper_M": paper[0], "paper_percent": paper[1]})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}", na_rep="-"))
-    out = OUTPUT_DIR / "tables" / "parameters.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    print(f"written: {out}")
+    paths = write_table(table, "parameters", "Trainable parameters per method (meta device); paper: READ Tables 1, 4")
+    print(f"written: {paths['csv']} (and .md, .tex)")
 
 
 if __name__ == "__main__":
