@@ -129,18 +129,29 @@ def _retried(make: Callable[[], Any], attempts: int = 5) -> Any:
     for attempt in range(1, attempts + 1):
         try:
             return make()
-        except (SQLAlchemyError, optuna.exceptions.DuplicatedStudyError):
+        except SQLAlchemyError:
             if attempt == attempts:
                 raise
             time.sleep(0.5 * attempt)
 
 
 def _study(spec: SweepSpec, store, suffix: str = "", sampler_seed: int = 0) -> optuna.Study:
+    """Load the study, or create it; the one worker whose creation succeeds queues round 1 of a search: the
+    method's default learning rate (creation is atomic in the storage, so it is queued exactly once)."""
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if spec.prune else None
-    return _retried(lambda: optuna.create_study(
-        study_name=spec.name + suffix, storage=store, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True), pruner=pruner,
-    ))
+    kwargs = dict(study_name=spec.name + suffix, storage=store, direction="maximize", pruner=pruner,
+                  sampler=optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True))
+
+    def create_or_load() -> optuna.Study:
+        try:
+            study = optuna.create_study(**kwargs)
+        except optuna.exceptions.DuplicatedStudyError:
+            return optuna.load_study(**{k: v for k, v in kwargs.items() if k != "direction"})
+        if not suffix:
+            study.enqueue_trial({"lr": default_lr(spec.method)})
+        return study
+
+    return _retried(create_or_load)
 
 
 def default_lr(method: str) -> float:
@@ -204,8 +215,6 @@ def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int =
     while True:
         search = _study(spec, store)
         optuna.storages.fail_stale_trials(search)  # killed workers' trials -> FAIL + a queued retry
-        if not search.get_trials(deepcopy=False):  # round 1 tries the method's default learning rate
-            search.enqueue_trial({"lr": default_lr(spec.method)}, skip_if_exists=True)
         trials = search.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if waiting or sum(map(_consumed, trials)) < spec.lr_rounds:
