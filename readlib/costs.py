@@ -16,7 +16,7 @@ or several views of one buffer, count once, at the size of the buffer they keep 
 from __future__ import annotations
 
 import contextlib
-import glob
+import os
 import threading
 import time
 from pathlib import Path
@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 V100_KW = 0.25  # READ Section 3.4: p0 for an NVIDIA V100 32 GB
-RAPL_ROOT = "/sys/class/powercap"
 
 
 class SavedTensorMeter:
@@ -99,11 +98,14 @@ class EnergyMeter:
     ``{"kwh": None, "reason": str}``, plus the sampling settings.
 
     ``interval_s`` is the utilisation sampling period (the paper samples once a minute); ``p0_kw`` the power
-    at full utilisation for eq. (4); ``gpus`` the NVML device indices (default: all).
+    at full utilisation for eq. (4); ``gpus`` the NVML device indices (default: all); ``rapl_root`` the powercap
+    folder (default: the environment variable ``READLIB_RAPL_ROOT``, else the Linux kernel's sysfs location).
     """
 
-    def __init__(self, interval_s: float = 60.0, p0_kw: float = V100_KW, gpus: list[int] | None = None):
+    def __init__(self, interval_s: float = 60.0, p0_kw: float = V100_KW, gpus: list[int] | None = None,
+                 rapl_root: str | Path | None = None):
         self.interval_s, self.p0_kw, self.gpus = interval_s, p0_kw, gpus
+        self.rapl_root = Path(rapl_root or os.environ.get("READLIB_RAPL_ROOT") or Path("/sys", "class", "powercap"))
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._handles: list = []
@@ -141,11 +143,9 @@ class EnergyMeter:
             self.samples.append(self._utilization())
 
     # ---------------------------------------------------------------- RAPL
-    @staticmethod
-    def _rapl_domains() -> dict[str, Path]:
+    def _rapl_domains(self) -> dict[str, Path]:
         domains = {}
-        for folder in sorted(glob.glob(f"{RAPL_ROOT}/intel-rapl:*")):
-            path = Path(folder)
+        for path in sorted(self.rapl_root.glob("intel-rapl:*")):
             if path.name.count(":") == 1 and (path / "energy_uj").exists():  # packages, not their sub-domains
                 domains[path.name] = path
         return domains
@@ -155,8 +155,8 @@ class EnergyMeter:
 
     def _rapl_start(self) -> None:
         self._rapl_reason = None
-        if not Path(RAPL_ROOT).exists():
-            self._rapl_reason = f"no {RAPL_ROOT} on this machine"
+        if not self.rapl_root.exists():
+            self._rapl_reason = f"no {self.rapl_root} on this machine"
             return
         self._domains = self._rapl_domains()
         try:
@@ -166,7 +166,7 @@ class EnergyMeter:
             self._rapl_reason = f"RAPL not readable: {err}"
             return
         if not self._domains:
-            self._rapl_reason = f"no RAPL package domain under {RAPL_ROOT}"
+            self._rapl_reason = f"no RAPL package domain under {self.rapl_root}"
 
     # ---------------------------------------------------------------- the context
     def __enter__(self) -> EnergyMeter:

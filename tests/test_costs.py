@@ -192,9 +192,8 @@ def test_rapl_counter_wraps():
 
 
 def test_energy_meter_says_why_nothing_was_measured_here(monkeypatch, tmp_path):
-    monkeypatch.setattr(costs, "RAPL_ROOT", str(tmp_path / "powercap"))
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails like on a machine without the package
-    with costs.EnergyMeter(interval_s=0.01) as meter:
+    with costs.EnergyMeter(interval_s=0.01, rapl_root=tmp_path / "powercap") as meter:
         time.sleep(0.02)
     result = meter.result()
     assert result["nvml_counter"]["kwh"] is None and "NVML unavailable" in result["nvml_counter"]["reason"]
@@ -235,7 +234,7 @@ def test_energy_meter_reads_nvml_and_rapl_side_by_side(monkeypatch, tmp_path):
     (package / "energy_uj").write_text("1000")
     (package / "max_energy_range_uj").write_text("262143328850")
     (tmp_path / "powercap" / "intel-rapl:0:0").mkdir()  # a sub-domain (core): not counted again
-    monkeypatch.setattr(costs, "RAPL_ROOT", str(tmp_path / "powercap"))
+    monkeypatch.setenv("READLIB_RAPL_ROOT", str(tmp_path / "powercap"))  # the environment variable
     with costs.EnergyMeter(interval_s=0.05, p0_kw=0.3) as meter:
         time.sleep(0.18)
         (package / "energy_uj").write_text(str(1000 + 7_200_000_000))  # 2 Wh
