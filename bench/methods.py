@@ -37,7 +37,8 @@ from readlib.errors import ConfigError
 from readlib.report import write_table
 from readlib.train import task_loss
 
-EXTRA_VARIANTS = ["read:hidden=128", "selective:k=4", "selective:k=64", "selective:lora_rank=32"]
+EXTRA_VARIANTS = ["read:hidden=128", "lst:recompute_attention=false", "selective:k=4", "selective:k=64",
+                  "selective:lora_rank=32"]
 
 
 def default_variants() -> list[str]:

@@ -350,6 +350,75 @@ def test_saved_activations_are_under_a_third_of_full_fine_tuning(minilm):
     assert saved["lst"] <= 0.3 * saved["full"], saved
 
 
+def test_recomputed_attention_stores_no_probabilities_and_changes_nothing_else(minilm):
+    """Same outputs, dropout draws and gradients as eager side attention; the bytes saved are exactly the three
+    [batch, heads, q, k] float tensors eager attention keeps per side block (softmax output, dropout's float mask,
+    the dropped probabilities), less the additive mask the recomputing blocks share."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (8, 64), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    runs = {}
+    for recompute in (True, False):
+        backbone = own_copy(minilm)
+        backbone.model.config._attn_implementation = "eager"  # LST's code; MiniLM's own is SDPA
+        torch.manual_seed(0)
+        model = methods.build("lst", backbone, 2, {"recompute_attention": str(recompute)}).train()
+        torch.manual_seed(1)  # the same dropout draws
+        with SavedTensorMeter(model) as meter:
+            out = model(**batch)
+        out.sum().backward()
+        runs[recompute] = out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, meter.bytes
+    (out, grads, saved), (ref, ref_grads, ref_saved) = runs[True], runs[False]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    blocks, heads, mask_bytes = len(lst.side_layers(LAYERS, 4)), 12, 8 * 64 * 4
+    assert ref_saved - saved == blocks * 8 * heads * 64 * 64 * 12 - mask_bytes
+    assert saved <= 0.15 * full_fine_tuning_bytes(minilm, batch)
+
+
+def full_fine_tuning_bytes(minilm, batch) -> int:
+    model = methods.build("full", own_copy(minilm), 2).train()
+    with SavedTensorMeter(model) as meter:
+        model(**batch).sum().backward()
+    return meter.bytes
+
+
+def test_recomputed_attention_gradients_t5_with_relative_bias():
+    """T5 text-to-text, every side block kept (block 0 trains its own relative-bias table): eager = recomputed."""
+    runs = {}
+    for recompute in (True, False):
+        model, batch = build("seq2seq", None, {"recompute_attention": str(recompute), "drop_every": "0"})
+        model.train()
+        torch.manual_seed(1)
+        model(**batch).logsumexp(-1).sum().backward()
+        runs[recompute] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("relative_attention_bias" in n and g.abs().sum() > 0 for n, g in runs[True].items())
+    for name, grad in runs[True].items():
+        torch.testing.assert_close(grad, runs[False][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_recomputed_attention_gradcheck_and_dropout_replay():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
+    mask[0, ..., -2:] = torch.finfo(torch.float64).min
+    assert torch.autograd.gradcheck(lambda *t: lst.RecomputedAttention.apply(*t, mask, bias, 0.5, 0.0), (q, k, v))
+    assert torch.autograd.gradcheck(lambda b: lst.RecomputedAttention.apply(q, k, v, mask, b, 0.5, 0.0), (bias,))
+    # with dropout: the backward pass replays the forward pass's draws, whatever ran in between
+    torch.manual_seed(3)
+    ref = lst._eager(q, k, v, mask, bias, 0.5, 0.4)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, bias))
+    torch.manual_seed(3)
+    out = lst.RecomputedAttention.apply(q, k, v, mask, bias, 0.5, 0.4)
+    torch.rand(100)  # moves the generator on
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
+    assert torch.equal(out, ref)
+    for grad, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------- save and load, training
 
 
@@ -394,7 +463,7 @@ def test_fit_lst_on_the_tiny_t5():
     assert (record["method"], record["status"], record["formulation"]) == ("lst", "ok", "text-to-text")
     assert record["trainable_params"] == t5_tiny()
     assert record["method_args"] == {"reduction": 8, "gate_temperature": 0.1, "drop_every": 4, "init": "pruned",
-                                     "dropout": 0.1}
+                                     "dropout": 0.1, "recompute_attention": True}
     assert record["lr"] == 3e-3
 
 
@@ -404,7 +473,7 @@ def test_fit_lst_on_the_tiny_t5():
 def test_registry_and_defaults():
     assert methods.METHODS["lst"] is lst and lst.DEFAULT_LR == 3e-3
     assert methods.make_config("lst") == lst.Config(reduction=8, gate_temperature=0.1, drop_every=4, init="pruned",
-                                                    dropout=0.1)
+                                                    dropout=0.1, recompute_attention=True)
     cfg = methods.make_config("lst", {"reduction": "12", "gate_temperature": "1"})
     assert (cfg.reduction, cfg.gate_temperature) == (12, 1.0) and type(cfg.reduction) is int
     assert lst.side_layers(12, 4) == [1, 2, 3, 5, 6, 7, 9, 10, 11]  # LST's encoder/decoder_side_layers

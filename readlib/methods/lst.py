@@ -70,6 +70,14 @@ Choices where the paper and code are silent or do not carry over:
 - Width. r must divide d (READ Table 7 names the side width, 64/96/128 on T5-base = r 12/8/6); d_kv and d_ff
   are floor-divided as in LST's code. BERT layers need d/r divisible by the head count.
 - No hidden-state cache (``readlib.cache``): the backbone pass is repeated every step.
+- Attention memory (``recompute_attention``, on by default). The side blocks keep all of the backbone's heads, so
+  their attention probabilities are as large as the backbone's, [batch, heads, tokens, tokens], and with dropout
+  PyTorch's fused kernels do not apply: eager attention stores the scores' softmax, the dropout mask and the
+  dropped probabilities of every side block — on MiniLM at 32 x 128 that is 288 of LST's 379 MiB of stored
+  activations. The side blocks here compute the same eager attention (same values, same dropout draws, same
+  gradients; ``tests/test_lst.py``) but save only q, k, v, the masks and the random state, and recompute the
+  probabilities in backward, as FlashAttention does. ``recompute_attention=False`` runs the backbone config's
+  attention instead (LST's code: eager).
 
 Count on T5-base, r = 8, default layer dropping (9 + 9 side blocks; ``tests/test_lst.py``): 3,877,938 trainable
 parameters — LST's 1.74 % of T5-base (LST Table 1) up to the 6 unused gates LST's code also counts. READ Table 4
@@ -106,6 +114,7 @@ class Config:
     drop_every: int = 4  # drop side block i when i % drop_every == 0 (LST's T5 GLUE runs: 0, 4, 8); 0: keep all
     init: str = "pruned"  # "pruned": side blocks from the L1-pruned backbone (LST); "random": PyTorch defaults
     dropout: float = 0.1  # head dropout (encoder path)
+    recompute_attention: bool = True  # side attention probabilities recomputed in backward, not stored
 
     def validate(self) -> None:
         if self.reduction < 1:
@@ -200,11 +209,76 @@ class BertSide(SideNetwork):
         return self.blocks[j](h, attention_mask=mask)
 
 
+# ---------------------------------------------------------------- attention that stores no [batch, heads, q, k]
+
+RECOMPUTED = "readlib_recomputed_eager"
+
+
+def _eager(q, k, v, mask, bias, scaling: float, p: float) -> torch.Tensor:
+    """BERT's and T5's eager attention: dropout(softmax(q kᵀ·s + bias + mask)) v, [batch, heads, q, d_head]."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(nn.functional.dropout(torch.softmax(scores, dim=-1), p=p, training=p > 0), v)
+
+
+def _rng(device: torch.device):
+    """The generator state dropout on ``device`` draws from (CUDA per device; CPU and meta share the CPU one)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+class RecomputedAttention(torch.autograd.Function):
+    """Eager attention whose backward recomputes the probabilities from the saved q, k, v, masks and RNG state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, bias, scaling: float, p: float) -> torch.Tensor:
+        ctx.scaling, ctx.p, ctx.rng = scaling, p, _rng(q.device)
+        ctx.save_for_backward(q, k, v, mask, bias)
+        return _eager(q, k, v, mask, bias, scaling, p)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(saved, ctx.needs_input_grad[:5], strict=True)]
+        cuda = [saved[0].device] if saved[0].device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+            if cuda:
+                torch.cuda.set_rng_state(ctx.rng, cuda[0])
+            else:
+                torch.set_rng_state(ctx.rng)
+            out = _eager(*inputs, ctx.scaling, ctx.p)  # the same dropout mask as the forward pass
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None)
+
+
+def recomputed_attention(module: nn.Module, query, key, value, attention_mask, scaling: float | None = None,
+                         dropout: float = 0.0, position_bias=None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface entry (BERT and T5 call signature); output [batch, q, heads, d_head]."""
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    out = RecomputedAttention.apply(query, key, value, attention_mask, position_bias, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def side_config_of(config, recompute: bool):
+    """A copy of a backbone config for side blocks; ``recompute``: their attention is ``recomputed_attention``."""
+    from transformers import AttentionInterface
+
+    config = copy.deepcopy(config)
+    if recompute:
+        AttentionInterface.register(RECOMPUTED, recomputed_attention)
+        config._attn_implementation = RECOMPUTED
+    return config
+
+
 def t5_side(stack: nn.Module, config: Config) -> T5Side:
     """Side network for a T5 stack (encoder or decoder): widths of the stack's config divided by r."""
     from transformers.models.t5.modeling_t5 import T5Block, T5LayerNorm
 
-    side_config = copy.deepcopy(stack.config)
+    side_config = side_config_of(stack.config, config.recompute_attention)
     for name in ("d_model", "d_kv", "d_ff"):  # floor division, as LST's code; the head count is kept
         setattr(side_config, name, getattr(stack.config, name) // config.reduction)
     layers = side_layers(len(stack.block), config.drop_every)
@@ -217,7 +291,7 @@ def t5_side(stack: nn.Module, config: Config) -> T5Side:
 
 def bert_side(encoder: nn.Module, config: Config) -> BertSide:
     """Side network for a BERT-like encoder: its layer class at hidden and FFN widths divided by r."""
-    side_config = copy.deepcopy(encoder.config)
+    side_config = side_config_of(encoder.config, config.recompute_attention)
     side_config.hidden_size //= config.reduction
     side_config.intermediate_size //= config.reduction
     layers = side_layers(len(encoder.encoder.layer), config.drop_every)
