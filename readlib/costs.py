@@ -16,13 +16,19 @@ or several views of one buffer, count once, at the size of the buffer they keep 
 from __future__ import annotations
 
 import contextlib
+import gc
+import itertools
 import os
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 V100_KW = 0.25  # READ Section 3.4: p0 for an NVIDIA V100 32 GB
 
@@ -274,39 +280,192 @@ def latency(fn, warmup: int = 2, repeats: int = 10) -> dict:
 
 @contextlib.contextmanager
 def _shape_only_forward():
-    """Let a T5 forward run on the meta device, for a batch of full-length sequences.
+    """Let a forward run on the meta device, for a batch of full-length sequences.
 
-    Two data-dependent calls stop it otherwise: transformers' bidirectional-mask helper asks whether the padding
-    mask is all ones (``.all()``; answered "no", so the mask is applied — values change nothing on meta), and
-    ``nonzero`` (READ gathers real tokens; all of them are real here, which is what PyTorch's flag assumes).
+    Two data-dependent calls stop it otherwise: transformers' bidirectional and causal mask helpers ask whether
+    the padding mask is all ones (``.all()``; answered "no", so the mask is applied — values change nothing on
+    meta), and ``nonzero`` (READ gathers real tokens; all of them are real here, which is what PyTorch's flag assumes).
     """
     import torch.fx.experimental._config as fx_config
     import transformers.masking_utils as masking
 
-    original = masking._ignore_bidirectional_mask_sdpa
-    masking._ignore_bidirectional_mask_sdpa = lambda *args, **kwargs: False
+    names = ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa")
+    originals = {name: getattr(masking, name) for name in names}
+    for name in names:
+        setattr(masking, name, lambda *args, **kwargs: False)
     try:
         with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
             yield
     finally:
-        masking._ignore_bidirectional_mask_sdpa = original
+        for name, original in originals.items():
+            setattr(masking, name, original)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive, and their peak, while the mode is active: every storage an operator
+    returns is counted until it is freed (a weak reference's callback), as are the ``existing`` tensors'.
+
+    Written here because PyTorch's own ``MemTracker`` (``torch.distributed._tools``, private) installs gradient
+    hooks on every parameter and so fails on frozen ones — every parameter-efficient method has them.
+    """
+
+    def __init__(self, existing: list[torch.Tensor] = ()):
+        super().__init__()
+        self.live: dict[int, weakref.ref] = {}
+        self.current = self.peak = 0
+        for tensor in existing:
+            self._count(tensor)
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        size = storage.nbytes()
+        self.live[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int, size: int) -> None:
+        self.live.pop(key, None)
+        self.current -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor)
+        return out
+
+
+PHASES = ("weights", "forward_no_grad", "forward", "backward", "optimizer")
+
+
+def phase_memory(model: nn.Module, forward: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -> dict:
+    """Memory of one training step, phase by phase, in bytes — the rows of the selective fine-tuning paper's
+    Table 1: the weights, a forward pass without gradients (= inference), the forward pass with gradients (its
+    stored activations), backward (gradients) and the optimizer step (AdamW creates its state here).
+
+    ``forward()`` returns the loss. Per phase: ``peak`` (reset when the phase starts) and ``after`` (allocated
+    when it ends); ``cumulative`` is the running maximum of the peaks, the paper's presentation (less its CUDA
+    context). On CUDA the numbers are ``torch.cuda`` allocator statistics; on any other device, the meta device
+    included, PyTorch's ``MemTracker`` (``torch.distributed._tools``) counts the storages that are alive —
+    the same allocations without the CUDA caching allocator's rounding.
+    """
+    device = next(model.parameters()).device
+    loss = []
+    steps = {"forward_no_grad": lambda: _no_grad(forward), "forward": lambda: loss.append(forward()),
+             "backward": lambda: loss.pop().backward(), "optimizer": optimizer.step}
+    peak, after = {}, {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak["weights"] = after["weights"] = torch.cuda.memory_allocated(device)
+        for phase, step in steps.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            with _gc_paused():
+                step()
+            torch.cuda.synchronize(device)
+            peak[phase], after[phase] = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
+        source = "torch.cuda.max_memory_allocated"
+    else:
+        tracker = LiveBytes([*model.parameters(), *model.buffers()])
+        peak["weights"] = after["weights"] = tracker.current
+        for phase, step in steps.items():
+            tracker.peak = tracker.current
+            with tracker, _gc_paused():
+                step()
+            peak[phase], after[phase] = tracker.peak, tracker.current
+        source = "readlib.costs.LiveBytes (storages alive, meta device)" if device.type == "meta" else \
+            "readlib.costs.LiveBytes (storages alive)"
+    running = list(itertools.accumulate((peak[p] for p in PHASES), max))
+    return {"peak": peak, "after": after, "cumulative": dict(zip(PHASES, running, strict=True)),
+            "device": device.type, "source": source}
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cycle collector off during a phase and run after it: storages held only by reference cycles
+    are then freed at the phase's end on every run, not whenever the collector happens to start."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
+
+
+def _no_grad(forward: Callable[[], torch.Tensor]) -> None:
+    with torch.no_grad():
+        forward()
+
+
+def _meta_step(method: str, backbone: str, batch: int, seq: int, target: int, method_args: dict | None):
+    """(model, run, loss) of one training step of ``method`` on a ``random-*`` architecture on the meta device:
+    ``run()`` is the model's forward, ``loss(run())`` the training loss.
+
+    T5: text-to-text with ``target`` decoder tokens; BERT: classification (2 classes); OPT: causal-LM loss on
+    every next token (computed inside ``run``), for ``full``, ``lora`` and ``selective`` (optionally with
+    LoRA). All tokens are real.
+    """
+    from readlib import backbones, methods
+    from readlib.errors import ConfigError
+    from readlib.methods import lora, selective
+    from readlib.train import task_loss
+
+    bb = backbones.load(backbone, meta=True)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    mask = torch.ones_like(ids)
+    extra = {}
+    if method == "selective":  # positions drawn on the CPU: only their count (k + 1 per row) matters on meta
+        k = methods.make_config(method, method_args).k
+        extra["selection"] = tuple(t.to("meta") for t in selective.select_positions(torch.ones(batch, seq), k))
+    if bb.kind == "causal":
+        config = methods.make_config(method, method_args)
+        if method not in ("full", "lora", "selective"):
+            raise ConfigError(f"decoder-only LMs take full, lora or selective here, not '{method}'")
+        lm = bb.model.train()
+        if method == "lora" or getattr(config, "lora_rank", 0):
+            lora.inject(lm, config if method == "lora" else lora.Config(rank=config.lora_rank))
+        else:
+            lm.requires_grad_(True)
+        if method == "selective":
+            model = selective.SelectiveCausalLM(lm, config.k)
+            return model, lambda: model(ids, mask, ids, **extra), lambda loss: loss
+        return lm, lambda: lm(input_ids=ids, attention_mask=mask, labels=ids).loss, lambda loss: loss
+    with torch.device("meta"):
+        model = methods.build(method, bb, 2, method_args).train()
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    labels = torch.zeros(batch, dtype=torch.long, device="meta")
+    if bb.kind == "seq2seq":
+        inputs["decoder_input_ids"] = labels = torch.zeros(batch, target, dtype=torch.long, device="meta")
+    elif not backbone.startswith("random-t5-"):
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return model, lambda: model(**inputs, **extra), lambda logits: task_loss(logits, labels, regression=False)
+
+
+def computed_phase_memory(method: str, backbone: str, batch: int, seq: int, target: int = 4,
+                          method_args: dict | None = None) -> dict:
+    """``phase_memory`` of one AdamW step of ``method`` on a ``random-*`` architecture (T5, BERT or OPT),
+    computed on the meta device: no memory, no weights, any size. ``batch`` x ``seq`` real tokens."""
+    with _shape_only_forward():
+        model, run, loss = _meta_step(method, backbone, batch, seq, target, method_args)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        out = phase_memory(model, lambda: loss(run()), optimizer)
+    return out | {"method": method, "backbone": backbone, "batch": batch, "seq": seq}
 
 
 def computed_training_memory(method: str, backbone: str, batch: int, seq: int, target: int = 4,
                              method_args: dict | None = None) -> dict:
     """Training-memory breakdown in bytes (weights, stored activations, gradients, AdamW state) of one step of
-    ``method`` on a ``random-t5-*`` architecture, text-to-text, computed on the meta device: no memory, no
-    weights, any size. ``batch`` sequences of ``seq`` source and ``target`` decoder tokens, all real."""
-    from readlib import backbones, methods
-
-    bb = backbones.load(backbone, meta=True)
-    with torch.device("meta"), _shape_only_forward():
-        model = methods.build(method, bb, 2, method_args).train()
-        inputs = {"input_ids": torch.zeros(batch, seq, dtype=torch.long),
-                  "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-                  "decoder_input_ids": torch.zeros(batch, target, dtype=torch.long)}
+    ``method`` on a ``random-*`` architecture (T5 text-to-text, BERT classification, OPT causal LM), computed
+    on the meta device: no memory, no weights, any size. ``batch`` sequences of ``seq`` source and ``target``
+    decoder tokens, all real. Activations: what the model's forward stores (the loss on its output excluded)."""
+    with _shape_only_forward():
+        model, run, _ = _meta_step(method, backbone, batch, seq, target, method_args)
         with SavedTensorMeter(model) as meter:
-            model(**inputs)
+            run()
     trained = parameter_bytes(model, trainable_only=True)
     steps = 4 * sum(1 for p in model.parameters() if p.requires_grad)  # AdamW's float32 step count per tensor
     parts = {"weights": parameter_bytes(model), "activations": meter.bytes, "gradients": trained,

@@ -60,6 +60,9 @@ class RunParams:
         data.get_task(self.task)
         methods.make_config(self.method, self.method_args)
         backbones.check_name(self.backbone)
+        if self.backbone.startswith("random-opt-"):
+            raise ConfigError(f"'{self.backbone}' is a decoder-only LM, for memory accounting only "
+                              "(readlib.costs.computed_phase_memory); GLUE runs need an encoder or a T5")
         if self.text_to_text and not backbones.is_t5(self.backbone):
             raise ConfigError(f"text-to-text needs a T5 backbone; '{self.backbone}' is an encoder (use classification)")
         if not methods.supports(self.method, self.is_text_to_text):

@@ -5,6 +5,7 @@ from transformers import T5EncoderModel, T5ForConditionalGeneration
 
 from readlib import backbones
 from readlib.errors import ConfigError
+from readlib.params import make_params
 
 TEXTS = ["The cat sat on the mat.", "A longer second sentence, so the first one needs padding."]
 
@@ -176,3 +177,29 @@ def test_unreachable_hub_model_is_a_config_error(monkeypatch):
     msg = str(e.value)
     assert "'readlib-tests/no-such-model'" in msg and "HF_HUB_OFFLINE is set" in msg
     assert "use 'minilm' or a random-t5-* architecture" in msg
+
+
+def test_random_bert_base_and_opt_1_3b_counts_by_formula():
+    d, layers, ffn, vocab = 768, 12, 3072, 30522
+    bert_layer = 4 * (d * d + d) + (d * ffn + ffn) + (ffn * d + d) + 2 * 2 * d
+    bert = (vocab + 512 + 2) * d + 2 * d + layers * bert_layer  # embeddings (+ layer norm), no pooler
+    d, layers, ffn, vocab = 2048, 24, 8192, 50272
+    opt_layer = 4 * (d * d + d) + (d * ffn + ffn) + (ffn * d + d) + 2 * 2 * d
+    opt = vocab * d + (2048 + 2) * d + layers * opt_layer + 2 * d  # tied LM head; learned positions offset 2
+    for name, expected, kind in [("random-bert-base", bert, "encoder"), ("random-opt-1.3b", opt, "causal")]:
+        bb = backbones.load(name, meta=True)
+        assert (n_params(bb.model), bb.kind, bb.pretrained) == (expected, kind, False), name
+    assert opt == 1_315_758_080  # OPT-1.3B as published (Zhang et al. 2022: 1.3B)
+
+
+@pytest.mark.parametrize("name, needle", [("random-bert-large", "unknown bert size 'large'"),
+                                          ("random-gpt-tiny", "unknown random architecture"),
+                                          ("random-opt-tiny:ffn=3", "bad override 'ffn=3'")])
+def test_random_architecture_names_are_checked(name, needle):
+    with pytest.raises(ConfigError, match=needle):
+        backbones.check_name(name)
+
+
+def test_a_glue_run_refuses_a_decoder_only_backbone():
+    with pytest.raises(ConfigError, match="decoder-only LM, for memory accounting only"):
+        make_params("quick", task="rte", method="full", backbone="random-opt-tiny")

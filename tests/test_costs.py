@@ -10,6 +10,8 @@ from torch import nn
 
 from readlib import backbones, costs, methods
 from readlib.costs import SavedTensorMeter, parameter_bytes
+from readlib.errors import ConfigError
+from readlib.train import task_loss
 
 F32 = 4  # bytes per float32
 
@@ -293,3 +295,71 @@ def test_meta_device_memory_equals_a_real_step(method):
                 "gradients": sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None),
                 "optimizer": costs.optimizer_state_bytes(optimizer)}
     assert computed["accounted"] == measured
+
+
+# ---------------------------------------------------------------- memory by phase (selective FT paper, Table 1)
+
+
+def test_live_bytes_counts_storages_until_they_are_freed():
+    x = torch.zeros(1000)
+    with costs.LiveBytes([x, x[:10]]) as live:  # a view shares its base's storage: counted once
+        assert live.current == 4000
+        y = x + 1
+        z = y.view(10, 100)  # a view: no new storage
+        assert (live.current, live.peak) == (8000, 8000)
+        del y, z
+        w = torch.ones(10, dtype=torch.float64)
+        assert (live.current, live.peak) == (4080, 8000)
+    del w
+    assert live.current == 4000
+
+
+def _linear_step(device):
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4, bias=False).to(device)
+    x = torch.randn(16, 8).to(device)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return costs.phase_memory(model, lambda: model(x).sum(), optimizer)
+
+
+def test_phase_memory_of_a_linear_layer_by_hand():
+    out = _linear_step("cpu")
+    weights, output, scalar = 8 * 4 * 4, 16 * 4 * 4, 4
+    assert out["peak"]["weights"] == out["after"]["weights"] == weights
+    assert out["peak"]["forward_no_grad"] == weights + output + scalar  # y = x Wᵀ, then its sum
+    assert out["after"]["forward_no_grad"] == weights
+    assert out["after"]["forward"] == weights + scalar  # autograd keeps x and W (not new) and the loss
+    assert out["after"]["backward"] == weights + weights  # the loss is gone, W.grad stays
+    assert out["after"]["optimizer"] - out["after"]["backward"] == 2 * weights + 4  # AdamW moments and step
+    assert list(out["cumulative"].values()) == sorted(out["cumulative"].values())
+    assert out["cumulative"]["optimizer"] == max(out["peak"].values())
+    assert _linear_step("meta")["peak"] == out["peak"]  # shapes alone decide it
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "lst"])
+def test_computed_phase_memory_equals_the_same_step_on_real_weights(method):
+    computed = costs.computed_phase_memory(method, "random-bert-tiny", batch=3, seq=10)
+    torch.manual_seed(0)
+    model = methods.build(method, backbones.load("random-bert-tiny"), 2).train()
+    ids = torch.randint(1000, 2000, (3, 10))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    labels = torch.zeros(3, dtype=torch.long)
+    with costs._shape_only_forward():  # the padding mask applied, as on meta (it changes no value)
+        measured = costs.phase_memory(model, lambda: task_loss(model(**inputs), labels, False), optimizer)
+    assert computed["peak"] == measured["peak"] and computed["after"] == measured["after"]
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert computed["after"]["optimizer"] - computed["after"]["backward"] == 2 * trained + 4 * len(optimizer.state)
+
+
+def test_computed_phase_memory_decoder_only_methods():
+    full = costs.computed_phase_memory("full", "random-opt-tiny", batch=2, seq=16)
+    lora = costs.computed_phase_memory("lora", "random-opt-tiny", batch=2, seq=16)
+    sel = costs.computed_phase_memory("selective", "random-opt-tiny", batch=2, seq=16, method_args={"k": 4})
+    params = list(backbones.load("random-opt-tiny", meta=True).model.parameters())  # embedding and head tied
+    weights = sum(p.numel() * 4 for p in params)
+    assert full["after"]["optimizer"] - full["after"]["backward"] == 2 * weights + 4 * len(params)
+    assert lora["cumulative"]["optimizer"] < full["cumulative"]["optimizer"]
+    assert sel["peak"]["forward"] < full["peak"]["forward"]
+    with pytest.raises(ConfigError, match="decoder-only LMs take full, lora or selective"):
+        costs.computed_phase_memory("read", "random-opt-tiny", batch=1, seq=8)

@@ -27,7 +27,7 @@ from readlib.methods.head import Classifier, Seq2SeqLM, check_dropout
 
 # LoRA is usually run at 1e-4..1e-3 (the LoRA paper's RoBERTa GLUE runs: 4e-4..5e-4; READ Table 8: 1.75e-4).
 DEFAULT_LR = 5e-4
-TARGETS = {"t5": ["q", "v"]}  # by transformers model_type; BERT-like encoders: query, value
+TARGETS = {"t5": ["q", "v"], "opt": ["q_proj", "v_proj"]}  # by model_type; BERT-like encoders: query, value
 BERT_TARGETS = ["query", "value"]
 
 
@@ -49,16 +49,21 @@ class Config:
         check_dropout("lora", self.dropout)
 
 
-def build(backbone, num_labels: int, config: Config) -> nn.Module:
+def inject(model: nn.Module, config: Config) -> nn.Module:
+    """Put LoRA into a transformers model in place; everything but lora_A / lora_B is frozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha or config.rank,
         lora_dropout=config.lora_dropout,
-        target_modules=TARGETS.get(backbone.model.config.model_type, BERT_TARGETS),
+        target_modules=TARGETS.get(model.config.model_type, BERT_TARGETS),
     )
-    inject_adapter_in_model(lora, backbone.model)  # freezes everything but lora_A / lora_B
+    return inject_adapter_in_model(lora, model)
+
+
+def build(backbone, num_labels: int, config: Config) -> nn.Module:
+    inject(backbone.model, config)
     if backbone.kind == "seq2seq":
         return Seq2SeqLM(backbone)
     return Classifier(backbone, num_labels, config.dropout)
