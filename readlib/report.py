@@ -217,3 +217,36 @@ def cost_figure(summaries: list[dict]) -> Figure:
         ax.set(xlabel=f"{label} relative to full fine-tuning ({full[column + '_source']})",
                ylabel=f"mean test score over {', '.join(tasks)} (%)", title=f"score vs {label}")
     return fig
+
+
+# ---------------------------------------------------------------- selective fine-tuning paper (TokenTune)
+
+MIB = 2**20
+# TokenTune Table 1: GPU memory (MiB) after each phase of one training step, seq 128; BERT-base batch 256, OPT-1.3B
+# batch 1. Cumulative, with the 780 MiB CUDA context included in every row.
+TOKENTUNE_CONTEXT_MIB = 780
+PAPER_TOKENTUNE_TABLE1 = {
+    ("bert", "full"): (1250, 2860, 24754, 25242, 25242),
+    ("opt", "full"): (5806, 6050, 6290, 11258, 21390),
+    ("bert", "lora"): (1250, 2860, 20554, 20948, 20948),
+    ("opt", "lora"): (5828, 6072, 6294, 6322, 6322),
+}
+# TokenTune Section 3.3 / Figure 2 left, BERT-base on CoLA at batch 512: peak GPU memory (MiB), the values its text
+# prints; Figure 2 right: mean dev score (%) over MRPC and STS-B against k, the values its text prints.
+PAPER_TOKENTUNE_FIG2_LEFT = {"full": {512: 23196}, "selective": {512: 9952}, "selective+lora": {512: 7682}}
+PAPER_TOKENTUNE_FIG2_RIGHT = {4: 84.8, 32: 88.4, 64: 88.8}
+
+
+def phase_table(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
+    """TokenTune Table 1 layout: one row per phase, one column per (model, method), cumulative MiB from
+    ``costs.phase_memory`` results, each followed by the paper's value less its CUDA context (– where the paper
+    has no column)."""
+    from readlib.costs import PHASES
+
+    table = pd.DataFrame({"phase": list(PHASES)})
+    for (model, method), result in results.items():
+        table[f"{model} {method}"] = [result["cumulative"][p] / MIB for p in PHASES]
+        paper = PAPER_TOKENTUNE_TABLE1.get((model, method))
+        table[f"{model} {method} (paper)"] = ([v - TOKENTUNE_CONTEXT_MIB for v in paper] if paper
+                                              else [float("nan")] * len(PHASES))
+    return table

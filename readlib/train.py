@@ -201,6 +201,47 @@ def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.dev
     return np.concatenate(out)
 
 
+LATENCY_REPEATS = 5  # timed inference batches per run, after one warm-up
+
+
+def step_costs(model: nn.Module, train: Encoded, validation: Encoded, micro_batch: int, eval_batch: int,
+               device: torch.device, regression: bool) -> dict:
+    """What one step costs, measured after training on the trained model:
+
+    - ``flops``: one training micro-batch (forward and backward, as the run trained: from the hidden-state cache
+      when it had one) and one inference batch (the first validation examples, forward through the whole model,
+      cache bypassed; text-to-text: the decoder over the reference target, one pass);
+    - ``latency``: that inference batch (``costs.latency``: 1 warm-up, median of ``LATENCY_REPEATS``);
+    - ``phases``: ``costs.phase_memory`` of one training micro-batch (CUDA allocator peaks on a GPU, live
+      storages elsewhere), its optimizer step taken by a fresh AdamW with lr 0 (it allocates the state and
+      changes no weight).
+
+    Leaves no gradient behind and draws no random number the training used.
+    """
+    micro = torch.arange(min(micro_batch, len(train)))
+    model.zero_grad(set_to_none=True)
+    model.train()
+
+    def loss() -> torch.Tensor:
+        return task_loss(*forward(model, train, micro, device), regression)
+
+    train_flops = costs.count_flops(lambda: loss().backward())
+    model.zero_grad(set_to_none=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    phases = costs.phase_memory(model, loss, torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0))
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    inputs, _ = validation.batch(torch.arange(min(eval_batch, len(validation))), device)
+    with torch.no_grad():
+        inference_flops = costs.count_flops(lambda: model(**inputs))
+        timing = costs.latency(lambda: model(**inputs), warmup=1, repeats=LATENCY_REPEATS)
+    n = len(inputs["input_ids"])
+    return {"flops": {"train_micro_batch": train_flops, "train_examples": len(micro), "inference_batch":
+                      inference_flops, "inference_examples": n, "source": "torch.utils.flop_counter"},
+            "latency": timing | {"examples": n, "device": device_description(device)},
+            "phases": phases | {"examples": len(micro)}}
+
+
 def build_caches(params: RunParams, model: nn.Module, backbone, encoded: dict[str, Encoded], data_info: dict,
                  batch_size: int, device: torch.device, progress: bool) -> dict:
     """Hidden-state caches for every split when the method can train from them (``forward_features``).
@@ -313,6 +354,9 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
                     break
 
     memory = costs.training_memory(model, optimizer, activation_bytes or 0, params.micro_batch_size, device)
+    measured = step_costs(model, train, encoded["validation"], params.micro_batch_size, eval_batch, device,
+                          task.is_regression)
+    memory["phases"] = measured.pop("phases")
     test = None
     if best_state is not None:  # evaluate the best validation checkpoint on test
         model.load_state_dict(best_state, strict=False)
@@ -341,6 +385,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
         "processes": procs.num_processes,
         "energy": energy.result(),
         "memory": memory,
+        **measured,
         "profile": params.profile,
         "backbone": params.backbone,
         "backbone_source": backbone.source,

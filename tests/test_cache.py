@@ -9,6 +9,7 @@ import torch
 
 import readlib.cache
 import readlib.report
+import readlib.train
 from readlib import backbones, data, methods
 from readlib.cache import HiddenStateCache, build, cache_key
 from readlib.errors import ConfigError
@@ -385,13 +386,14 @@ class BackboneCalls:
     """Counts backbone passes: calls, examples (rows) and non-padding tokens given to hidden_states."""
 
     def __init__(self, monkeypatch):
-        self.calls, self.rows, self.tokens = 0, 0, 0
+        self.calls, self.rows, self.tokens, self.tokens_per_call = 0, 0, 0, []
         original = backbones.Backbone.hidden_states
 
         def counting(backbone, input_ids, attention_mask, token_type_ids=None):
             self.calls += 1
             self.rows += input_ids.shape[0]
             self.tokens += int(attention_mask.sum())
+            self.tokens_per_call.append(int(attention_mask.sum()))
             return original(backbone, input_ids, attention_mask, token_type_ids)
 
         monkeypatch.setattr(backbones.Backbone, "hidden_states", counting)
@@ -432,11 +434,15 @@ def test_same_seed_same_metrics_with_and_without_cache(runs):
 
 def test_backbone_runs_once_per_example_with_the_cache(runs):
     off_calls, memory_calls = runs["off"][1], runs["memory"][1]
+    # after training, the record's costs (train.step_costs): a micro-batch of 8 for the training FLOPs and twice
+    # for the memory phases (read from the cache when there is one), and a validation batch of 16 for the
+    # inference FLOPs, the latency warm-up and each timed repeat (never from the cache)
+    inference = (2 + readlib.train.LATENCY_REPEATS) * 16
     # without a cache: every training example and every validation example in each epoch, then test once
-    assert off_calls.rows == EPOCHS * TRAIN + EPOCHS * EVAL + EVAL == 168
+    assert off_calls.rows == EPOCHS * TRAIN + EPOCHS * EVAL + EVAL + 3 * 8 + inference == 168 + 24 + 112
     # with it: each example of each split once, in batches of 2 x micro_batch_size = 16
-    assert memory_calls.rows == TRAIN + EVAL + EVAL == 96
-    assert memory_calls.calls == 3 + 2 + 2
+    assert memory_calls.rows == TRAIN + EVAL + EVAL + inference == 96 + 112
+    assert memory_calls.calls == 3 + 2 + 2 + 2 + readlib.train.LATENCY_REPEATS
 
 
 def test_record_describes_the_cache(runs):
@@ -445,8 +451,8 @@ def test_record_describes_the_cache(runs):
     info = memory["cache"]
     assert set(info) == {"mode", "dtype", "bytes", "seconds"}
     assert (info["mode"], info["dtype"]) == ("memory", "float32")
-    # all tokens of all three splits, 6 layers of 384 float32 values each
-    assert info["bytes"] == runs["memory"][1].tokens * 6 * 384 * 4
+    # all tokens of all three splits (the 3 + 2 + 2 filling passes come first), 6 layers of 384 float32 values each
+    assert info["bytes"] == sum(runs["memory"][1].tokens_per_call[:7]) * 6 * 384 * 4
     assert 0 <= info["seconds"] < memory["wall_time_s"]
 
 
@@ -454,8 +460,9 @@ def test_disk_cache_in_fit_is_written_then_reused(runs):
     disk, disk_calls = runs["disk"]
     again, again_calls = runs["disk again"]
     assert disk["cache"]["mode"] == "disk" and disk["cache"]["bytes"] == runs["memory"][0]["cache"]["bytes"]
-    assert disk_calls.rows == 96
-    assert again_calls.calls == 0  # every split came from disk
+    inference = (2 + readlib.train.LATENCY_REPEATS) * 16  # the record's inference costs, never from the cache
+    assert disk_calls.rows == 96 + inference
+    assert again_calls.calls == 2 + readlib.train.LATENCY_REPEATS  # every split came from disk
     dirs = sorted((runs["dir"] / "cache").iterdir())
     assert len(dirs) == 3
     assert all(sorted(p.name for p in d.iterdir()) == ["complete", "states.npy"] for d in dirs)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from readlib import report
+from readlib import costs, report
 
 
 def summary(method, task, score, memory, kwh=None):
@@ -75,3 +75,13 @@ def test_paper_table1_average_is_not_the_mean_of_its_columns(method):
     row = report.PAPER_TABLE1[method]
     mean = sum(row[t] for t in ("cola", "mnli", "qnli", "mrpc", "qqp", "sst2", "stsb")) / 7
     assert 0.4 < row["avg"] - mean < 1.5
+
+
+def test_phase_table_puts_the_paper_beside_ours_less_its_cuda_context():
+    ours = {"cumulative": dict(zip(costs.PHASES, [1, 2, 3, 4, 5], strict=True))}
+    table = report.phase_table({("bert", "full"): {"cumulative": {k: v * report.MIB for k, v in
+                                                                  ours["cumulative"].items()}},
+                                ("bert", "selective"): {"cumulative": {k: 0 for k in costs.PHASES}}})
+    assert list(table["bert full"]) == [1, 2, 3, 4, 5]
+    assert list(table["bert full (paper)"]) == [470, 2080, 23974, 24462, 24462]  # Table 1 less 780 MiB
+    assert table["bert selective (paper)"].isna().all()  # the paper has no such column: missing, not zero

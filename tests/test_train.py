@@ -8,7 +8,7 @@ import torch
 
 import readlib.methods
 import readlib.train
-from readlib import data
+from readlib import backbones, costs, data, methods, train
 from readlib.errors import ConfigError
 from readlib.params import make_params
 from readlib.train import Encoded, fit
@@ -16,7 +16,7 @@ from readlib.train import Encoded, fit
 # a tiny real run: 64 RTE pairs, 32 validation and 32 test pairs, 2 epochs of 4 steps of 2 micro-batches
 SMALL = dict(task="rte", method="read", backbone="minilm", max_train=64, max_eval=32, max_epochs=2,
              batch_size=16, micro_batch_size=8, max_length=32)
-VOLATILE = ("wall_time_s", "finished_at", "git_commit")  # git_commit: the tree may be edited meanwhile
+VOLATILE = ("wall_time_s", "finished_at", "git_commit", "latency")  # git_commit: the tree may be edited meanwhile
 
 
 def run(on_epoch=None, **overrides):
@@ -86,7 +86,7 @@ def test_record_has_the_readme_fields(record):
     # README "Result record", in its order
     readme = ("task method method_args lr seed validation test majority_baseline epochs_run best_epoch "
               "history status trainable_params total_params trainable_percent wall_time_s device processes energy "
-              "memory profile "
+              "memory flops latency profile "
               "backbone backbone_source backbone_pretrained formulation cache data batch_size micro_batch_size "
               "max_length max_epochs patience weight_decay git_commit readlib_version torch_version "
               "finished_at").split()
@@ -96,6 +96,34 @@ def test_record_has_the_readme_fields(record):
     assert set(record["majority_baseline"]) == {"validation", "test"}
     assert set(record["energy"]) == {"seconds", "interval_s", "p0_kw", "nvml_counter", "paper_eq4", "rapl"}
     assert set(record["memory"]["accounted"]) == {"weights", "activations", "gradients", "optimizer"}
+
+
+def test_record_flops_and_latency(record):
+    flops, timing = record["flops"], record["latency"]
+    assert (flops["train_examples"], flops["inference_examples"]) == (8, 16)  # a micro-batch; an eval batch
+    # READ trains from the cache: its step never runs the backbone, inference runs all of it
+    assert 0 < flops["train_micro_batch"] / 8 < flops["inference_batch"] / 16
+    assert len(timing["times_s"]) == train.LATENCY_REPEATS and timing["median_s"] > 0 and timing["examples"] == 16
+
+
+def test_step_costs_flops_by_formula():
+    """Full fine-tuning of a 2-layer BERT: every matmul's backward costs twice its forward, so a training
+    micro-batch is exactly 3x the forward; the forward is the hand count of its matmuls."""
+    splits, _ = data.load_task("sst2", max_train=8, max_eval=8)
+    backbone = backbones.load("random-bert-tiny")
+    split = Encoded(splits["train"], backbone.tokenizer, data.get_task("sst2"), 16)
+    model = methods.build("full", backbone, 2)
+    out = train.step_costs(model, split, split, 4, 4, torch.device("cpu"), regression=False)
+    b, n = split.batch(torch.arange(4), torch.device("cpu"))[0]["input_ids"].shape
+    d, ffn, layers, labels = 64, 128, 2, 2
+    per_layer = 2 * b * n * (4 * d * d + 2 * d * ffn) + 2 * (2 * b * n * n * d)  # projections, FFN; QKᵀ and PV
+    forward = layers * per_layer + 2 * b * d * labels  # + the head
+    assert out["flops"]["inference_batch"] == forward
+    assert out["flops"]["train_micro_batch"] == 3 * forward
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind for the optimizer
+    phases, weights = out["phases"], 4 * sum(p.numel() for p in model.parameters())
+    assert phases["after"]["backward"] - phases["after"]["weights"] >= weights  # every weight has a gradient
+    assert phases["after"]["optimizer"] - phases["after"]["backward"] == 2 * weights + 4 * len(list(model.parameters()))
 
 
 def test_record_memory_is_the_accounted_breakdown(record):
@@ -108,6 +136,10 @@ def test_record_memory_is_the_accounted_breakdown(record):
     assert steps % 4 == 0 and 0 < steps // 4 < 20
     assert 0 < parts["activations"] < parts["weights"]  # READ from the cache: only its own small activations
     assert mem["activations_micro_batch"] == 8
+    phases = mem["phases"]
+    assert list(phases["cumulative"]) == list(costs.PHASES) and phases["examples"] == 8
+    assert phases["after"]["weights"] == parts["weights"] + 2 * 512 * 8  # + MiniLM's two int64 position buffers
+    assert phases["after"]["optimizer"] - phases["after"]["backward"] == parts["optimizer"]  # the same AdamW state
 
 
 def test_record_metrics_and_history(record):
@@ -186,6 +218,8 @@ def test_gradient_accumulation_matches_one_big_batch(monkeypatch):
 
     class RecordingAdamW(adamw):
         def step(self, closure=None):
+            if self.param_groups[0]["lr"] == 0:  # the record's memory phases (train.step_costs), not training
+                return super().step(closure)
             params = [p for group in self.param_groups for p in group["params"]]
             grads = [p.grad.clone() for p in params]
             out = super().step(closure)
