@@ -105,7 +105,9 @@ class SweepSpec:
 
         params = self.params(LR_RANGE[0], 0)
         fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_NAME}
-        fixed["method_args"] = dataclasses.asdict(methods.make_config(self.method, self.method_args))  # defaults
+        neutral = getattr(methods.get_method(self.method), "NOT_IN_NAME", ())  # memory/speed-only switches
+        fixed["method_args"] = {k: v for k, v in dataclasses.asdict(methods.make_config(self.method, self.method_args))
+                                .items() if k not in neutral}  # defaults spelt out
         return "|".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(fixed.items()))
 
 

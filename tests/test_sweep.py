@@ -48,6 +48,9 @@ def test_study_name_changes_with_what_changes_results_only():
     assert spec(method_args={"dropout": 0.2}).name != base.name
     assert spec(method_args={"dropout": 0.1}).name == base.name  # a default spelt out is the same study
     assert spec(method="lora").name != base.name
+    lst = spec(method="lst")  # recomputing the side attention changes bytes and time, not a single value
+    assert spec(method="lst", method_args={"recompute_attention": False}).name == lst.name
+    assert spec(method="lst", method_args={"reduction": 4}).name != lst.name
     keys = {item.split("=")[0] for item in base.name.split("|")}
     assert {"task", "method", "backbone", "max_train", "method_args", "profile"} <= keys
     assert not keys & {"lr", "seed", "device", "cache", "energy_interval"}  # searched, varied, or no effect

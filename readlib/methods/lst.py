@@ -104,6 +104,7 @@ from readlib.methods.read import lm_logits
 # TokenTune paper's LST candidates [3e-4, 1e-3, 3e-3]. READ Table 8 tuned 7.47e-4 for its LST.
 DEFAULT_LR = 3e-3
 INITS = ("pruned", "random")
+NOT_IN_NAME = ("recompute_attention",)  # changes memory and time, not results: sweep studies do not split on it
 LADDER_STD = 0.01  # N(0, 0.01²) for ladders and upsample, LST's init of plain linear layers
 
 
