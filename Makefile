@@ -35,7 +35,7 @@ reproduce: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
-	$(BIN)/python -m pytest --nbval-lax notebooks
+	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout 7200 notebooks  # a slow shared CPU: nbval stops a cell at 2000 s by default
 
 lint: setup
 	$(BIN)/ruff check readlib tests bench
