@@ -201,7 +201,7 @@ def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.dev
     return np.concatenate(out)
 
 
-LATENCY_REPEATS = 5  # timed inference batches per run, after one warm-up
+LATENCY_REPEATS = 3  # timed inference batches per run, after one warm-up
 
 
 def step_costs(model: nn.Module, train: Encoded, validation: Encoded, micro_batch: int, eval_batch: int,
