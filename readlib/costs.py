@@ -349,8 +349,8 @@ def phase_memory(model: nn.Module, forward: Callable[[], torch.Tensor], optimize
     ``forward()`` returns the loss. Per phase: ``peak`` (reset when the phase starts) and ``after`` (allocated
     when it ends); ``cumulative`` is the running maximum of the peaks, the paper's presentation (less its CUDA
     context). On CUDA the numbers are ``torch.cuda`` allocator statistics; on any other device, the meta device
-    included, PyTorch's ``MemTracker`` (``torch.distributed._tools``) counts the storages that are alive —
-    the same allocations without the CUDA caching allocator's rounding.
+    included, ``LiveBytes`` counts the storages that are alive — the same allocations without the CUDA caching
+    allocator's rounding.
     """
     device = next(model.parameters()).device
     loss = []
@@ -375,8 +375,7 @@ def phase_memory(model: nn.Module, forward: Callable[[], torch.Tensor], optimize
             with tracker, _gc_paused():
                 step()
             peak[phase], after[phase] = tracker.peak, tracker.current
-        source = "readlib.costs.LiveBytes (storages alive, meta device)" if device.type == "meta" else \
-            "readlib.costs.LiveBytes (storages alive)"
+        source = f"readlib.costs.LiveBytes (storages alive on {device.type})"
     running = list(itertools.accumulate((peak[p] for p in PHASES), max))
     return {"peak": peak, "after": after, "cumulative": dict(zip(PHASES, running, strict=True)),
             "device": device.type, "source": source}
