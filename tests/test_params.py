@@ -47,7 +47,7 @@ def test_profiles_are_what_the_yaml_says(profile):
 
 def test_default_and_paper_profiles():
     d, paper = make_params("default"), make_params("paper")
-    assert (d.max_train, d.max_eval, d.max_epochs, d.patience, d.batch_size) == (4000, None, 5, 2, 32)
+    assert (d.max_train, d.max_eval, d.max_epochs, d.patience, d.batch_size) == (4000, None, 3, 2, 32)
     # READ Appendix C: batch 96, up to 30 epochs, stop at the first epoch without improvement, T5-base
     assert (paper.batch_size, paper.max_epochs, paper.patience, paper.backbone) == (96, 30, 1, "t5-base")
     assert paper.max_train is None and paper.max_eval is None and paper.cache == "off"
