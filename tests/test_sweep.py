@@ -183,7 +183,8 @@ def test_the_profile_sweep_block_sets_rounds_seeds_and_trial_settings():
     s = sweep.SweepSpec("rte", "read", "default")
     assert (s.lr_rounds, s.seeds) == (1, 1)
     p = s.params(1e-3, 0)
-    assert (p.max_train, p.max_eval, p.max_epochs, p.patience, p.batch_size) == (500, 400, 2, 1, 8)  # params/default.yaml sweep.runs
+    # params/default.yaml sweep.runs
+    assert (p.max_train, p.max_eval, p.max_epochs, p.patience, p.batch_size) == (500, 400, 2, 1, 8)
     p = sweep.SweepSpec("rte", "read", "default", overrides={"max_train": 50, "max_epochs": None}).params(1e-3, 0)
     assert (p.max_train, p.max_epochs) == (50, 2)  # explicit overrides win; None keeps
     assert sweep.SweepSpec("rte", "read", "paper", backbone="minilm").lr_rounds == 32
