@@ -19,14 +19,16 @@ import json
 import sys
 import typing
 
+from readlib import methods, sweep
+from readlib.data import split_table
 from readlib.errors import ConfigError, DataNotFoundError
+from readlib.params import FIELDS, RunParams, make_params
+from readlib.train import fit, processes
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 1
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from readlib.params import FIELDS, RunParams
-
     parser = argparse.ArgumentParser(
         prog="python -m readlib train", description="Train and evaluate one run.", allow_abbrev=False
     )
@@ -62,13 +64,9 @@ def _method_args(extra: list[str]) -> dict[str, str]:
 
 
 def train(argv: list[str]) -> int:
-    from readlib.params import make_params
-
     known, extra = _train_parser().parse_known_args(argv)
     overrides = {k: v for k, v in vars(known).items() if v is not None}
     params = make_params(overrides.pop("profile", "default"), method_args=_method_args(extra), **overrides)
-    from readlib.train import fit, processes
-
     record = fit(params)
     if record.get("processes", 1) > 1 and not processes(params.device).is_main_process:
         return 0  # data-parallel run (accelerate launch): the first process reports
@@ -80,9 +78,6 @@ def train(argv: list[str]) -> int:
 
 
 def worker(argv: list[str]) -> int:
-    from readlib import methods, sweep
-    from readlib.params import make_params
-
     parser = _train_parser()
     parser.prog = "python -m readlib worker"
     parser.description = "Work on the learning-rate search and seed runs of one task (readlib.sweep)."
@@ -96,11 +91,7 @@ def worker(argv: list[str]) -> int:
     task, profile = overrides.pop("task", None), overrides.pop("profile", "default")
     if task is None:
         raise ConfigError("worker needs --task")
-    if "method" in overrides:
-        names = overrides.pop("method").split(",")
-    else:  # every method that trains in the run's formulation (e.g. no selective fine-tuning on T5 text-to-text)
-        t2t = make_params(profile, task=task, **overrides).is_text_to_text
-        names = [name for name in methods.METHODS if methods.supports(name, t2t)]
+    names = sweep.select_methods(overrides.pop("method", "all"), task, profile, **overrides)
     method_args = _method_args(extra)
     if method_args and len(names) > 1:
         raise ConfigError(f"method hyperparameters ({', '.join(method_args)}) need a single --method")
@@ -121,8 +112,6 @@ def worker(argv: list[str]) -> int:
 
 
 def splits(argv: list[str]) -> int:
-    from readlib.data import split_table
-
     parser = argparse.ArgumentParser(prog="python -m readlib splits",
                                      description="Split sizes of the paper recipe next to READ Table 5.")
     parser.parse_args(argv)

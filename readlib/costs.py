@@ -29,8 +29,22 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop,
+    sdpa_flop,
+)
 
-V100_KW = 0.25  # READ Section 3.4: p0 for an NVIDIA V100 32 GB
+from readlib.paper import V100_P0_KW
+
+BYTE_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "GB": 10**9}  # GB: the papers' tables
+
+
+def in_unit(n_bytes: float, unit: str) -> float:
+    """``n_bytes`` bytes in ``unit`` (one of BYTE_UNITS)."""
+    return n_bytes / BYTE_UNITS[unit]
 
 
 class SavedTensorMeter:
@@ -64,27 +78,7 @@ def parameter_bytes(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def trainable_parameters(method: str, backbone: str, method_args: dict | None = None, num_labels: int = 2,
-                         text_to_text: bool | None = None) -> dict[str, int]:
-    """Parameter counts of ``method`` on ``backbone``, without allocating weights.
-
-    ``random-t5-*`` architectures are built on the meta device (T5-3B costs no memory). Returns
-    ``trainable``, ``total`` (every parameter once; T5's tied embedding/LM head once) and ``backbone``
-    (the frozen model's own parameters, with a tied LM head counted a second time, as READ Table 4's
-    247.58 M for T5-base does — the denominator of the paper's "trainable params (%)").
-    """
-    from readlib import backbones, methods
-
-    bb = backbones.load(backbone, text_to_text=text_to_text, meta=backbone.startswith("random-t5-"))
-    own = sum(p.numel() for p in bb.model.parameters())
-    head = getattr(bb.model, "lm_head", None)
-    tied = head is not None and head.weight is bb.model.get_input_embeddings().weight
-    model = methods.build(method, bb, num_labels, method_args)
-    trainable, total = methods.count_parameters(model)
-    return {"trainable": trainable, "total": total, "backbone": own + (head.weight.numel() if tied else 0)}
-
-
-def paper_energy_kwh(utilization_percent: list[float], interval_s: float, p0_kw: float = V100_KW) -> float:
+def paper_energy_kwh(utilization_percent: list[float], interval_s: float, p0_kw: float = V100_P0_KW) -> float:
     """READ eq. (3) as a sum: E = sum_i u_i / 100 * p0 * dt, in kWh, for utilisation samples u_i (percent, summed
     over GPUs) taken every ``interval_s`` seconds. With one-minute samples this is eq. (4): U_bar * p0 / 6000."""
     return sum(utilization_percent) * p0_kw * interval_s / 360_000  # one division: exact for exact inputs
@@ -108,7 +102,7 @@ class EnergyMeter:
     folder (default: the environment variable ``READLIB_RAPL_ROOT``, else the Linux kernel's sysfs location).
     """
 
-    def __init__(self, interval_s: float = 60.0, p0_kw: float = V100_KW, gpus: list[int] | None = None,
+    def __init__(self, interval_s: float = 60.0, p0_kw: float = V100_P0_KW, gpus: list[int] | None = None,
                  rapl_root: str | Path | None = None):
         self.interval_s, self.p0_kw, self.gpus = interval_s, p0_kw, gpus
         self.rapl_root = Path(rapl_root or os.environ.get("READLIB_RAPL_ROOT") or Path("/sys", "class", "powercap"))
@@ -121,28 +115,27 @@ class EnergyMeter:
     # ---------------------------------------------------------------- NVML
     def _nvml_start(self) -> None:
         try:
-            import pynvml
+            import pynvml  # here, not at the top: a machine without NVML gets a reason in the result, not an error
 
             pynvml.nvmlInit()
-            indices = self.gpus if self.gpus is not None else range(pynvml.nvmlDeviceGetCount())
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
-        except Exception as err:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError, ...
+            self._nvml = pynvml
+            indices = self.gpus if self.gpus is not None else range(self._nvml.nvmlDeviceGetCount())
+            self._handles = [self._nvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+        except Exception as err:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
             self._nvml_reason = f"NVML unavailable: {type(err).__name__}: {err}"
             return
         if not self._handles:
             self._nvml_reason = "NVML found no GPU"
             return
         try:
-            self._energy_start = [pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]  # mJ
+            self._energy_start = [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]  # mJ
         except Exception as err:  # NotSupported before Volta
             self._counter_reason = f"NVML total-energy counter unsupported: {type(err).__name__}: {err}"
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _utilization(self) -> float:
-        import pynvml
-
-        return float(sum(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles))
+        return float(sum(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles))
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -188,9 +181,7 @@ class EnergyMeter:
         if self._nvml_reason is None:
             self._thread.join()
             if self._counter_reason is None:
-                import pynvml
-
-                self._energy_end = [pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
+                self._energy_end = [self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles]
         if self._rapl_reason is None:
             self._rapl_end = self._rapl_read()
 
@@ -240,8 +231,6 @@ def training_memory(model: nn.Module, optimizer: torch.optim.Optimizer, activati
 
 def _count_cpu_sdpa() -> None:
     """Give the CPU flash-attention kernels of SDPA their FLOP formulas (PyTorch counts them as 0 otherwise)."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop, sdpa_flop
-
     aten = torch.ops.aten
     for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, sdpa_flop),
                         (aten._scaled_dot_product_flash_attention_for_cpu_backward, sdpa_backward_flop)):
@@ -252,8 +241,6 @@ def _count_cpu_sdpa() -> None:
 def count_flops(fn) -> int:
     """Floating-point operations of ``fn()`` (a forward, or forward and backward), counted by
     ``torch.utils.flop_counter`` (matmuls and attention; 2 per multiply-add), SDPA on CPU included."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     _count_cpu_sdpa()
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -276,29 +263,6 @@ def latency(fn, warmup: int = 2, repeats: int = 10) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     return {"median_s": sorted(times)[len(times) // 2], "times_s": times, "warmup": warmup, "repeats": repeats}
-
-
-@contextlib.contextmanager
-def _shape_only_forward():
-    """Let a forward run on the meta device, for a batch of full-length sequences.
-
-    Two data-dependent calls stop it otherwise: transformers' bidirectional and causal mask helpers ask whether
-    the padding mask is all ones (``.all()``; answered "no", so the mask is applied — values change nothing on
-    meta), and ``nonzero`` (READ gathers real tokens; all of them are real here, which is what PyTorch's flag assumes).
-    """
-    import torch.fx.experimental._config as fx_config
-    import transformers.masking_utils as masking
-
-    names = ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa")
-    originals = {name: getattr(masking, name) for name in names}
-    for name in names:
-        setattr(masking, name, lambda *args, **kwargs: False)
-    try:
-        with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
-            yield
-    finally:
-        for name, original in originals.items():
-            setattr(masking, name, original)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -398,75 +362,3 @@ def _gc_paused():
 def _no_grad(forward: Callable[[], torch.Tensor]) -> None:
     with torch.no_grad():
         forward()
-
-
-def _meta_step(method: str, backbone: str, batch: int, seq: int, target: int, method_args: dict | None):
-    """(model, run, loss) of one training step of ``method`` on a ``random-*`` architecture on the meta device:
-    ``run()`` is the model's forward, ``loss(run())`` the training loss.
-
-    T5: text-to-text with ``target`` decoder tokens; BERT: classification (2 classes); OPT: causal-LM loss on
-    every next token (computed inside ``run``), for ``full``, ``lora`` and ``selective`` (optionally with
-    LoRA). All tokens are real.
-    """
-    from readlib import backbones, methods
-    from readlib.errors import ConfigError
-    from readlib.methods import lora, selective
-    from readlib.train import task_loss
-
-    bb = backbones.load(backbone, meta=True)
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    mask = torch.ones_like(ids)
-    extra = {}
-    if method == "selective":  # positions drawn on the CPU: only their count (k + 1 per row) matters on meta
-        k = methods.make_config(method, method_args).k
-        extra["selection"] = tuple(t.to("meta") for t in selective.select_positions(torch.ones(batch, seq), k))
-    if bb.kind == "causal":
-        config = methods.make_config(method, method_args)
-        if method not in ("full", "lora", "selective"):
-            raise ConfigError(f"decoder-only LMs take full, lora or selective here, not '{method}'")
-        lm = bb.model.train()
-        if method == "lora" or getattr(config, "lora_rank", 0):
-            lora.inject(lm, config if method == "lora" else lora.Config(rank=config.lora_rank))
-        else:
-            lm.requires_grad_(True)
-        if method == "selective":
-            model = selective.SelectiveCausalLM(lm, config.k)
-            return model, lambda: model(ids, mask, ids, **extra), lambda loss: loss
-        return lm, lambda: lm(input_ids=ids, attention_mask=mask, labels=ids).loss, lambda loss: loss
-    with torch.device("meta"):
-        model = methods.build(method, bb, 2, method_args).train()
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    labels = torch.zeros(batch, dtype=torch.long, device="meta")
-    if bb.kind == "seq2seq":
-        inputs["decoder_input_ids"] = labels = torch.zeros(batch, target, dtype=torch.long, device="meta")
-    elif not backbone.startswith("random-t5-"):
-        inputs["token_type_ids"] = torch.zeros_like(ids)
-    return model, lambda: model(**inputs, **extra), lambda logits: task_loss(logits, labels, regression=False)
-
-
-def computed_phase_memory(method: str, backbone: str, batch: int, seq: int, target: int = 4,
-                          method_args: dict | None = None) -> dict:
-    """``phase_memory`` of one AdamW step of ``method`` on a ``random-*`` architecture (T5, BERT or OPT),
-    computed on the meta device: no memory, no weights, any size. ``batch`` x ``seq`` real tokens."""
-    with _shape_only_forward():
-        model, run, loss = _meta_step(method, backbone, batch, seq, target, method_args)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-        out = phase_memory(model, lambda: loss(run()), optimizer)
-    return out | {"method": method, "backbone": backbone, "batch": batch, "seq": seq}
-
-
-def computed_training_memory(method: str, backbone: str, batch: int, seq: int, target: int = 4,
-                             method_args: dict | None = None) -> dict:
-    """Training-memory breakdown in bytes (weights, stored activations, gradients, AdamW state) of one step of
-    ``method`` on a ``random-*`` architecture (T5 text-to-text, BERT classification, OPT causal LM), computed
-    on the meta device: no memory, no weights, any size. ``batch`` sequences of ``seq`` source and ``target``
-    decoder tokens, all real. Activations: what the model's forward stores (the loss on its output excluded)."""
-    with _shape_only_forward():
-        model, run, _ = _meta_step(method, backbone, batch, seq, target, method_args)
-        with SavedTensorMeter(model) as meter:
-            run()
-    trained = parameter_bytes(model, trainable_only=True)
-    steps = 4 * sum(1 for p in model.parameters() if p.requires_grad)  # AdamW's float32 step count per tensor
-    parts = {"weights": parameter_bytes(model), "activations": meter.bytes, "gradients": trained,
-             "optimizer": 2 * trained + steps}
-    return {"accounted": parts, "accounted_total": sum(parts.values()), "batch": batch, "seq": seq, "target": target}

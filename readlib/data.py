@@ -12,8 +12,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+import torch
 
 from readlib.errors import ConfigError, DataNotFoundError
+from readlib.paper import READ_TABLE5_K, TABLE1_TASKS
+from readlib.paths import BUNDLED_GLUE, REPO_ROOT
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,6 @@ class TaskSpec:
     metric: str  # "mcc" | "accuracy" | "f1_accuracy" | "pearson_spearman"
     hub_splits: tuple[str, ...]  # split names in nyu-mll/glue
     official_sizes: dict[str, int]  # rows per hub split
-    paper_sizes_k: tuple[float, float, float] | None  # Table 5 (train, test, validation), thousands
 
     @property
     def num_labels(self) -> int:
@@ -44,27 +46,25 @@ NLI = ("entailment", "not_entailment")
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("cola", ("sentence",), ("unacceptable", "acceptable"), "mcc", SPLITS,
-             {"train": 8551, "validation": 1043}, (8.5, 0.52, 0.52)),
+             {"train": 8551, "validation": 1043}),
     TaskSpec("sst2", ("sentence",), ("negative", "positive"), "accuracy", SPLITS,
-             {"train": 67349, "validation": 872}, (66.5, 0.9, 1.0)),
+             {"train": 67349, "validation": 872}),
     TaskSpec("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1_accuracy",
-             SPLITS, {"train": 3668, "validation": 408}, (3.7, 0.2, 0.2)),
+             SPLITS, {"train": 3668, "validation": 408}),
     TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), "f1_accuracy",
-             SPLITS, {"train": 363846, "validation": 40430}, (323.4, 40.4, 1.0)),
+             SPLITS, {"train": 363846, "validation": 40430}),
     TaskSpec("stsb", ("sentence1", "sentence2"), (), "pearson_spearman", SPLITS,
-             {"train": 5749, "validation": 1500}, (5.8, 0.8, 0.8)),
+             {"train": 5749, "validation": 1500}),
     TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
              "accuracy", MNLI_SPLITS,
-             {"train": 392702, "validation_matched": 9815, "validation_mismatched": 9832},
-             (392.7, 9.8, 9.8)),
+             {"train": 392702, "validation_matched": 9815, "validation_mismatched": 9832}),
     TaskSpec("qnli", ("question", "sentence"), NLI, "accuracy", SPLITS,
-             {"train": 104743, "validation": 5463}, (99.3, 5.4, 1.0)),
+             {"train": 104743, "validation": 5463}),
     TaskSpec("rte", ("sentence1", "sentence2"), NLI, "accuracy", SPLITS,
-             {"train": 2490, "validation": 277}, None),
+             {"train": 2490, "validation": 277}),
 )}
-PAPER_TASKS: tuple[str, ...] = ("cola", "mnli", "qnli", "mrpc", "qqp", "sst2", "stsb")  # Table 1
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_DIR = REPO_ROOT / "data" / "glue"
+PAPER_TASKS: tuple[str, ...] = TABLE1_TASKS
+BUNDLED_DIR = BUNDLED_GLUE
 HUB_DATASET = "nyu-mll/glue"
 SMALL_TRAIN = 10_000  # Section 3.2: below this many train rows, halve the original validation
 HOLDOUT = 1_000  # Section 3.2: otherwise hold this many train rows out as validation
@@ -195,10 +195,15 @@ def paper_split(raw: datasets.DatasetDict, task: str, seed: int = 42) -> dataset
                                 validation=train.select(np.sort(perm[:k])), test=val)
 
 
+def check_subsample(name: str, n: int | None) -> None:
+    """ConfigError unless ``n`` is a subsample size: >= 1, or None for all rows."""
+    if n is not None and n < 1:
+        raise ConfigError(f"{name} must be >= 1 or null (no subsampling), got {n}")
+
+
 def subsample(ds: datasets.Dataset, n: int | None, seed: int = 0) -> datasets.Dataset:
     """n rows drawn without replacement (seeded), in their original order; all rows if n is None."""
-    if n is not None and n < 1:
-        raise ConfigError(f"subsample size must be >= 1 or None, got {n}")
+    check_subsample("subsample size", n)
     if n is None or n >= len(ds):
         return ds
     return ds.select(np.sort(np.random.default_rng(seed).permutation(len(ds))[:n]))
@@ -213,9 +218,8 @@ def load_task(task: str, data_dir: str | Path | None = None, split_seed: int = 4
     info) with info = {task, source, split_seed, sizes_full, sizes_used, subsample_seed}.
     """
     spec = get_task(task)
-    for arg, n in (("max_train", max_train), ("max_eval", max_eval)):
-        if n is not None and n < 1:
-            raise ConfigError(f"{arg} must be >= 1 or None, got {n}")
+    check_subsample("max_train", max_train)
+    check_subsample("max_eval", max_eval)
     source = check_available(spec.name, data_dir)
     splits = paper_split(load_raw(spec.name, data_dir), spec.name, split_seed)
     sizes_full = {s: len(d) for s, d in splits.items()}
@@ -247,11 +251,11 @@ def split_table() -> pd.DataFrame:
     for name in (*PAPER_TASKS, "rte"):
         spec, ours = TASKS[name], paper_split_sizes(name)
         row = {"task": name, **{f"{s}_ours": n for s, n in ours.items()}}
-        if spec.paper_sizes_k is None:
+        if name not in READ_TABLE5_K:
             row |= {"train_paper": pd.NA, "validation_paper": pd.NA, "test_paper": pd.NA,
                     "follows_recipe": pd.NA, "note": "not in paper"}
         else:
-            paper = dict(zip(("train", "test", "validation"), spec.paper_sizes_k, strict=True))
+            paper = dict(zip(("train", "test", "validation"), READ_TABLE5_K[name], strict=True))
             row |= {f"{s}_paper": round(paper[s] * 1000) for s in ("train", "validation", "test")}
             row["follows_recipe"] = all(_agrees(ours[s], paper[s]) for s in ours)
             # where Table 5 departs from the recipe, say how its train size was made, if we can tell
@@ -293,3 +297,60 @@ def t5_label(spec: TaskSpec, text: str) -> float | int | None:
         return min(max(float(text), 0.0), 5.0)
     names = ["".join(name.split()) for name in spec.label_names]
     return names.index(text) if text in names else None
+
+
+class Encoded:
+    """A tokenized split: token id lists plus a label tensor; ``batch(idx)`` pads on the fly.
+
+    With ``eos_id`` given, the split is text-to-text (T5): sources are ``t5_source`` strings and each example
+    also has target ids (``t5_target`` + end-of-sequence); ``batch`` then returns ``decoder_input_ids``
+    (targets shifted right behind the pad id, T5's decoder start) and token labels with -100 on padding.
+    """
+
+    def __init__(self, dataset, tokenizer, task: TaskSpec, max_length: int, eos_id: int | None = None):
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.formulation = "classification" if eos_id is None else "text-to-text"
+        dtype = torch.float32 if task.is_regression else torch.long
+        self.labels = torch.tensor(list(dataset["label"]), dtype=dtype)
+        self.targets = None
+        if eos_id is not None:
+            sources = [t5_source(task, row) for row in dataset]
+            enc = tokenizer(sources, truncation=True, max_length=max_length)
+            targets = [t5_target(task, label) for label in self.labels.tolist()]
+            self.targets = [ids + [eos_id] for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
+        else:
+            enc = tokenizer(*[list(dataset[name]) for name in task.text_fields], truncation=True,
+                            max_length=max_length)
+        self.input_ids = enc["input_ids"]
+        self.token_type_ids = None if eos_id is not None else enc.get("token_type_ids")
+        self.cache = None  # a readlib.cache.HiddenStateCache (or CacheSet) once built
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, idx: torch.Tensor | list[int], device: torch.device) -> tuple[dict, torch.Tensor]:
+        """(model inputs, labels) of examples ``idx``, padded to the longest of them, on ``device``."""
+        idx = [int(i) for i in idx]
+        width = max(len(self.input_ids[i]) for i in idx)
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        types = torch.zeros((len(idx), width), dtype=torch.long) if self.token_type_ids else None
+        for row, i in enumerate(idx):
+            n = len(self.input_ids[i])
+            ids[row, :n] = torch.tensor(self.input_ids[i])
+            mask[row, :n] = 1
+            if types is not None:
+                types[row, :n] = torch.tensor(self.token_type_ids[i])
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if types is not None:
+            inputs["token_type_ids"] = types.to(device)
+        if self.targets is None:
+            return inputs, self.labels[idx].to(device)
+        width = max(len(self.targets[i]) for i in idx)
+        labels = torch.full((len(idx), width), -100, dtype=torch.long)
+        for row, i in enumerate(idx):
+            labels[row, : len(self.targets[i])] = torch.tensor(self.targets[i])
+        decoder_input_ids = torch.cat([torch.full((len(idx), 1), self.pad_id), labels[:, :-1]], 1)
+        inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, self.pad_id).to(device)
+        inputs["decoder_attention_mask"] = (labels != -100).long().to(device)
+        return inputs, labels.to(device)

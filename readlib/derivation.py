@@ -1,46 +1,16 @@
 """Numeric check of the READ derivation (paper Appendix A): corrections of a perturbed transformer, to first order.
 
-READ learns *corrections* ``δφ_i = φ'_i − φ_i`` (Definition 2.1) between the hidden states of a backbone ``T``
-and of a perturbed copy ``T'`` (for example LoRA-tuned). Appendix A claims that, to first order in the
-perturbation, the corrections obey a recursion that only needs values cached from the unperturbed pass.
-This module builds a tiny transformer in float64, perturbs its feed-forward layers with a LoRA update
-of scale ε, and computes both sides:
+A tiny float64 transformer is perturbed by a LoRA update of scale ε on its feed-forward layers; the true
+corrections ``δφ_i = φ'_i − φ_i`` (Definition 2.1) are compared with the first-order recursion of eq. (6)/(11)::
 
-- :func:`true_corrections` — ``δφ_i = φ'_i − φ_i`` from two forward passes (Definition 2.1, eq. (2));
-- :func:`first_order_corrections` — the recursion of eq. (6), with eq. (11) taken to first order::
+    δφ_i ≈ ε ∂_ε R'_i(φ_{i-1}) + JR_i(φ_{i-1}) δφ_{i-1} + δφ_{i-1},   JA^α δx = Φ^α δx^α + Σ_β σ^{αβ} Ψ^{αβ} δx^β
 
-      δφ_i ≈ ε ∂_ε R'_i(φ_{i-1}) + JR_i(φ_{i-1}) δφ_{i-1} + δφ_{i-1},
-      JR_i δφ_{i-1} = (JF*_i + I) ∘ JA_i ∘ JLN (δφ_{i-1})                                   (12)
-      JA^α δx = Φ^α δx^α + Σ_β σ^{αβ} Ψ^{αβ} δx^β                                            (13)-(15)
+for self-attention (eq. (15)) and cross-attention (eq. (17)). If the derivation is right the gap is O(ε²):
+:func:`gap_vs_epsilon` tabulates it and :func:`loglog_slope` fits a slope ≈ 2 (≈ 1 without the Jacobian term).
 
-  for self-attention (Case 1), and for cross-attention (Case 2, eq. (17)) the same with the keys and
-  values moved by the final encoder correction ``δφ^E``.
-
-If the derivation is right the gap ``true − first-order`` is O(ε²): :func:`gap_vs_epsilon` tabulates it and
-:func:`loglog_slope` fits its log-log slope, which must be ≈ 2 (and ≈ 1 once the Jacobian term is dropped).
-
-Why hand-written: no library exposes the attention Jacobian in the factored form Φ, Ψ of eq. (13)-(15),
-which is the object the paper's argument is about; autograd only gives its products as a black box. So
-Φ, Ψ, the LayerNorm Jacobian and the FFN Jacobian are written out here from cached q, k, v, σ, A^α, and
+Hand-written because no library exposes the attention Jacobian in the factored form Φ, Ψ of eq. (13)-(15);
 autograd (``torch.func.jvp``) is used only in the tests, as an independent check of these formulas.
-
-Model and simplifications (all exact, none changes the order of the gap):
-
-- Layers are exactly eq. (5): ``L_i = (F*_i + I) ∘ A*_i + I`` with ``F* = F ∘ LN``, ``A* = A ∘ LN``, so the
-  FFN reads the attention output ``A*(φ)``, not ``φ + A*(φ)`` as in a standard pre-LN block. The decoder
-  layer inserts cross-attention the same way: ``L^D = (F* + I) ∘ (C*(·, φ^E) + I) ∘ A* + I`` where ``C*``
-  normalises its queries and its encoder memory ``φ^E`` with their own LayerNorms.
-- Attention is single-head without output projection, as assumed in Appendix A; scores are scaled by √d.
-- FFN ``F(x) = W_out g(W_in x + b_in) + b_out`` with GELU-tanh ``g``, smooth so Taylor expansion holds.
-- The perturbation ``T'`` is LoRA on both FFN matrices, ``W → W + ε B A`` with fixed random ``A``, ``B``
-  ("applied at FFN layers F_i", A.2). The adapter variant of eq. (7) is not implemented.
-- LayerNorm's Jacobian (JLN) is kept exactly; the appendix replaces it by the identity only for notation.
-- The perturbation term ``δR_i(φ'_{i-1})`` of eq. (6) and ``(I − JW_i)^{-1}`` of eq. (11) are expanded to
-  first order in ε: ``δR_i(φ'_{i-1}) = ε ∂_ε R'_i(φ_{i-1}) + O(ε²)`` and ``(I − JW_i)^{-1} = I + O(ε)``.
-  JR_i is taken at ``φ_{i-1}`` (assumption (1) of A.2). Together this is the complete first-order expansion.
-
-Shapes: hidden states are ``(m, d)`` tensors, one row per token (the paper's columns ``φ^α``); weight
-matrices act on token vectors as in the paper, ``q^α = W_Q x^α``. Everything is float64.
+See docs/derivation.md.
 """
 
 from __future__ import annotations

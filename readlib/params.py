@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from readlib import backbones, data, methods
+from readlib.cache import DTYPES, MODES
 from readlib.errors import ConfigError
+from readlib.paths import PROFILE_DIR
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "params"
 PROFILES = ("quick", "default", "paper")
 
 
@@ -33,7 +35,7 @@ class RunParams:
     batch_size: int = 96  # total batch per optimizer step (READ Appendix C.2: 96)
     micro_batch_size: int = 32  # examples per forward pass; batch_size / micro = accumulation steps
     max_length: int = 128
-    text_to_text: bool | None = None  # None: text-to-text for T5 backbones, a classification head otherwise
+    formulation: str | None = None  # classification | text-to-text; None: text-to-text on T5, else classification
     weight_decay: float = 0.0
     seed: int = 0
     split_seed: int = 42  # fixes the paper split; the same for every run of a task
@@ -49,8 +51,6 @@ class RunParams:
 
     def validate(self) -> RunParams:
         """Check every field that can be checked without loading data or models; return self."""
-        from readlib import backbones, data, methods
-
         hints = typing.get_type_hints(RunParams)
         for name in FIELDS:
             value = getattr(self, name)
@@ -62,12 +62,11 @@ class RunParams:
         backbones.check_name(self.backbone)
         if self.backbone.startswith("random-opt-"):
             raise ConfigError(f"'{self.backbone}' is a decoder-only LM, for memory accounting only "
-                              "(readlib.costs.computed_phase_memory); GLUE runs need an encoder or a T5")
-        if self.text_to_text and not backbones.is_t5(self.backbone):
-            raise ConfigError(f"text-to-text needs a T5 backbone; '{self.backbone}' is an encoder (use classification)")
-        if not methods.supports(self.method, self.is_text_to_text):
+                              "(readlib.scaling.computed_phase_memory); GLUE runs need an encoder or a T5")
+        self.formulation = backbones.check_formulation(self.backbone, self.formulation)
+        if not methods.supports(self.method, self.formulation):
             raise ConfigError(f"method '{self.method}' does not train text-to-text (T5 encoder-decoder); use "
-                              "--text_to_text false (a T5 encoder with a head) or an encoder backbone")
+                              "--formulation classification (a T5 encoder with a head) or an encoder backbone")
         if self.lr is not None and not (0 < self.lr < 1):
             raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
         for name in ("max_epochs", "batch_size", "micro_batch_size", "max_length"):
@@ -83,8 +82,6 @@ class RunParams:
             raise ConfigError(f"energy_interval must be > 0 seconds, got {self.energy_interval}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        from readlib.cache import DTYPES, MODES
-
         if self.cache not in MODES:
             raise ConfigError(f"unknown cache '{self.cache}'; choose one of: {', '.join(MODES)}")
         if self.cache_dtype not in DTYPES:
@@ -92,25 +89,14 @@ class RunParams:
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"unknown device '{self.device}'; choose one of: auto, cpu, cuda, cuda:N")
         if self.device.startswith("cuda"):
-            import torch
-
             if not torch.cuda.is_available():
                 raise ConfigError(f"device '{self.device}' requested but no CUDA GPU is visible; use auto or cpu")
         return self
 
     @property
-    def is_text_to_text(self) -> bool:
-        """The formulation the run uses: text-to-text unless asked otherwise on T5, classification elsewhere."""
-        from readlib import backbones
-
-        return backbones.is_t5(self.backbone) if self.text_to_text is None else self.text_to_text
-
-    @property
     def learning_rate(self) -> float:
         """The learning rate actually used: the given one, else the method's default."""
-        from readlib import methods
-
-        return self.lr if self.lr is not None else methods.get_method(self.method).DEFAULT_LR
+        return self.lr if self.lr is not None else methods.get_method(self.method).default_lr
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunParams)}
@@ -160,10 +146,8 @@ def make_params(profile: str = "default", **overrides: Any) -> RunParams:
                 values[key] = value
         elif value is not None:
             method_args[key] = value
-    from readlib import methods
-
     method = values.get("method", RunParams.method)
-    allowed = [f.name for f in dataclasses.fields(methods.get_method(method).Config)]
+    allowed = [f.name for f in dataclasses.fields(methods.get_method(method).config)]
     for key in method_args:
         if key not in allowed:
             raise ConfigError(

@@ -1,4 +1,5 @@
-"""Figures and result files built from result records; notebooks only call these and display."""
+"""Tables, figures and result files, built from result records, the study storage and ``readlib.scaling``;
+notebooks only call these and display. The papers' numbers come from ``readlib.paper``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-OUTPUT_DIR = Path(__file__).resolve().parents[1] / "outputs"
+from readlib import paper, paths, sweep
+from readlib.costs import PHASES, in_unit
+from readlib.data import get_task
+from readlib.metrics import glue_average
+
 METRIC_LABEL = {"mcc": "Matthews correlation", "accuracy": "accuracy",
                 "f1_accuracy": "mean of F1 and accuracy", "pearson_spearman": "mean of Pearson and Spearman"}
 
@@ -29,7 +34,7 @@ def save_record(record: dict, path: str | Path) -> Path:
 
 def save_figure(fig: Figure, name: str) -> Path:
     """Save under outputs/figures/<name>.png (creating the folder); return the path."""
-    path = OUTPUT_DIR / "figures" / f"{name}.png"
+    path = paths.output("figures", f"{name}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
@@ -37,8 +42,6 @@ def save_figure(fig: Figure, name: str) -> Path:
 
 def learning_curve(record: dict) -> Figure:
     """Training loss and validation score per epoch, the best epoch marked."""
-    from readlib.data import get_task
-
     task = get_task(record["task"])
     history = pd.DataFrame(record["history"])
     fig = Figure(figsize=(10, 3.8), layout="constrained")
@@ -71,43 +74,14 @@ def result_table(record: dict) -> pd.DataFrame:
     return table.drop(columns=["prediction"], errors="ignore")
 
 
-# READ Table 1 (T5-base; test scores in %, 3 seeds; trainable params %, an unlabeled column in the paper's text —
-# 0.77 for full tuning, so not Table 4's 17.86 GB peak memory —, energy kWh) and
-# Table 3 (LST vs READ). Keys are our method names; tasks as in readlib.data.PAPER_TASKS. "avg" is the paper's
-# printed average, which is 0.4-1.5 points above the mean of its seven task columns in every row (full tuning:
-# 84.10 vs 84.52); ours is the plain mean.
-_T1_TASKS = ("cola", "mnli", "qnli", "mrpc", "qqp", "sst2", "stsb")
-PAPER_TABLE1 = {
-    method: dict(zip(("params_pct", "unlabeled", "energy_kwh", *_T1_TASKS, "avg"), values, strict=True))
-    for method, values in {
-        "full": (100, 0.77, 12.52, 53.97, 86.17, 90.87, 86.88, 89.71, 92.89, 88.19, 84.52),
-        "adapter": (0.96, 0.50, 6.99, 52.56, 85.68, 92.89, 87.84, 88.95, 93.12, 87.51, 85.04),
-        "lora": (0.48, 0.68, 10.58, 51.70, 85.20, 92.72, 88.07, 88.92, 93.46, 86.97, 84.89),
-        "bitfit": (0.06, 0.47, 7.68, 50.92, 85.28, 92.58, 86.32, 88.70, 94.15, 86.94, 84.43),
-        "prompt": (0.01, 0.50, 6.45, 42.71, 79.38, 91.73, 86.04, 88.74, 93.12, 84.96, 82.38),
-        "read": (0.80, 0.43, 2.06, 52.59, 85.25, 92.93, 87.09, 89.10, 93.80, 87.77, 84.97),
-    }.items()
-}
-PAPER_TABLE3 = {
-    method: dict(zip((*_T1_TASKS, "avg"), values, strict=True))
-    for method, values in {
-        "full": (53.97, 86.17, 90.87, 86.88, 89.71, 92.89, 88.19, 84.52),
-        "lst": (53.38, 84.53, 92.43, 87.38, 88.31, 92.09, 87.37, 84.58),
-        "read": (52.59, 85.25, 92.93, 87.09, 89.10, 93.80, 87.77, 84.97),
-    }.items()
-}
-
-
-def glue_table(summaries: list[dict], methods: list[str], tasks: tuple[str, ...] = _T1_TASKS,
+def glue_table(summaries: list[dict], methods: list[str], tasks: tuple[str, ...] = paper.TABLE1_TASKS,
                paper: dict[str, dict] | None = None) -> pd.DataFrame:
     """Methods x tasks test scores in % (mean over seeds, as the paper prints them), the average, trainable %.
 
     ``summaries`` are ``readlib.sweep.summary`` results. A task without a result is missing (NaN), never 0;
-    the average is given only when every task has a result. With ``paper`` (PAPER_TABLE1/3), each method
-    gets a second row with the paper's numbers (source column "paper").
+    the average is given only when every task has a result. With ``paper`` (``readlib.paper.READ_TABLE1``/``3``),
+    each method gets a second row with the paper's numbers (source column "paper").
     """
-    from readlib.metrics import glue_average
-
     found = {(s["method"], s["task"]): s for s in summaries}
     rows = []
     for method in methods:
@@ -125,14 +99,14 @@ def glue_table(summaries: list[dict], methods: list[str], tasks: tuple[str, ...]
 
 def write_table(table: pd.DataFrame, name: str, caption: str) -> dict[str, Path]:
     """``outputs/tables/<name>.{csv,md,tex}``; missing values print as "–" (Markdown/LaTeX) or empty (CSV)."""
-    folder = OUTPUT_DIR / "tables"
+    folder = paths.output("tables")
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {ext: folder / f"{name}.{ext}" for ext in ("csv", "md", "tex")}
-    table.to_csv(paths["csv"], index=False, float_format="%.4g")
+    files = {ext: folder / f"{name}.{ext}" for ext in ("csv", "md", "tex")}
+    table.to_csv(files["csv"], index=False, float_format="%.4g")
     shown = table.map(lambda v: "–" if isinstance(v, float) and v != v else (f"{v:.2f}" if isinstance(v, float) else v))
-    paths["md"].write_text(f"{caption}\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n")
-    paths["tex"].write_text(shown.to_latex(index=False, caption=caption, label=f"tab:{name}") + "\n")
-    return paths
+    files["md"].write_text(f"{caption}\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n")
+    files["tex"].write_text(shown.to_latex(index=False, caption=caption, label=f"tab:{name}") + "\n")
+    return files
 
 
 def lr_search_figure(records: list[dict]) -> Figure:
@@ -219,34 +193,100 @@ def cost_figure(summaries: list[dict]) -> Figure:
     return fig
 
 
-# ---------------------------------------------------------------- selective fine-tuning paper (TokenTune)
 
-MIB = 2**20
-# TokenTune Table 1: GPU memory (MiB) after each phase of one training step, seq 128; BERT-base batch 256, OPT-1.3B
-# batch 1. Cumulative, with the 780 MiB CUDA context included in every row.
-TOKENTUNE_CONTEXT_MIB = 780
-PAPER_TOKENTUNE_TABLE1 = {
-    ("bert", "full"): (1250, 2860, 24754, 25242, 25242),
-    ("opt", "full"): (5806, 6050, 6290, 11258, 21390),
-    ("bert", "lora"): (1250, 2860, 20554, 20948, 20948),
-    ("opt", "lora"): (5828, 6072, 6294, 6322, 6322),
-}
-# TokenTune Section 3.3 / Figure 2 left, BERT-base on CoLA at batch 512: peak GPU memory (MiB), the values its text
-# prints; Figure 2 right: mean dev score (%) over MRPC and STS-B against k, the values its text prints.
-PAPER_TOKENTUNE_FIG2_LEFT = {"full": {512: 23196}, "selective": {512: 9952}, "selective+lora": {512: 7682}}
-PAPER_TOKENTUNE_FIG2_RIGHT = {4: 84.8, 32: 88.4, 64: 88.8}
+# ---------------------------------------------------------------- READ Section 4: scaling figures
+
+
+def _size_figure(table: pd.DataFrame, y: str, ylabel: str, title: str, logy: bool = True) -> Figure:
+    """One line per method against backbone parameters (millions, ``backbone_M``), log x."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    sns.lineplot(table, x="backbone_M", y=y, hue="method", marker="o", ax=ax)
+    ax.set(xscale="log", yscale="log" if logy else "linear", ylabel=ylabel, title=title,
+           xlabel="backbone parameters (millions, LM head counted as in READ Table 4)")
+    return fig
+
+
+def _with_backbone_size(table: pd.DataFrame, parameters: pd.DataFrame) -> pd.DataFrame:
+    sizes = parameters[parameters.method == "full"][["backbone", "backbone_M"]]
+    return table.merge(sizes, on="backbone")
+
+
+def parameters_figure(parameters: pd.DataFrame) -> Figure:
+    """READ Figure 5 (left): trainable parameters vs T5 size (``scaling.parameters_by_size``)."""
+    return _size_figure(parameters, "trainable_M", "trainable parameters (millions)",
+                        "Figure 5 (left): trainable parameters vs T5 size")
+
+
+def training_memory_figure(memory: pd.DataFrame, parameters: pd.DataFrame, batch: int, seq: int) -> Figure:
+    """READ Figure 5 (right): computed training memory (GiB) vs T5 size (``scaling.training_memory_by_size``)."""
+    computed = _with_backbone_size(memory[memory.source == "computed (meta)"], parameters)
+    return _size_figure(computed, "total_GiB", f"training memory per step (GiB), batch {batch} x {seq} tokens",
+                        "Figure 5 (right): accounted training memory vs T5 size (computed)")
+
+
+def inference_growth_figure(inference: pd.DataFrame, parameters: pd.DataFrame) -> Figure:
+    """READ Figure 6 (right): inference memory over full fine-tuning (%) vs T5 size
+    (``scaling.inference_memory_by_size``)."""
+    growth = _with_backbone_size(inference[inference.method != "full"], parameters)
+    return _size_figure(growth, "growth_pct", "inference memory over full fine-tuning (%)",
+                        "Figure 6 (right): inference memory growth vs T5 size (computed)", logy=False)
+
+
+# ---------------------------------------------------------------- TokenTune (selective fine-tuning)
 
 
 def phase_table(results: dict[tuple[str, str], dict]) -> pd.DataFrame:
     """TokenTune Table 1 layout: one row per phase, one column per (model, method), cumulative MiB from
     ``costs.phase_memory`` results, each followed by the paper's value less its CUDA context (– where the paper
     has no column)."""
-    from readlib.costs import PHASES
-
     table = pd.DataFrame({"phase": list(PHASES)})
     for (model, method), result in results.items():
-        table[f"{model} {method}"] = [result["cumulative"][p] / MIB for p in PHASES]
-        paper = PAPER_TOKENTUNE_TABLE1.get((model, method))
-        table[f"{model} {method} (paper)"] = ([v - TOKENTUNE_CONTEXT_MIB for v in paper] if paper
+        table[f"{model} {method}"] = [in_unit(result["cumulative"][p], "MiB") for p in PHASES]
+        theirs = paper.TOKENTUNE_TABLE1_MIB.get((model, method))
+        table[f"{model} {method} (paper)"] = ([v - paper.TOKENTUNE_CONTEXT_MIB for v in theirs] if theirs
                                               else [float("nan")] * len(PHASES))
     return table
+
+
+def memory_vs_batch_figure(memory: pd.DataFrame, encoder: str) -> Figure:
+    """TokenTune Figure 2 (left): peak training memory (MiB) vs batch size (``scaling.memory_vs_batch``), the
+    paper's three points at batch 512 as crosses, less its CUDA context."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    sns.lineplot(memory.assign(peak_mib=in_unit(memory.peak_bytes, "MiB")), x="batch", y="peak_mib", hue="method",
+                 marker="o", ax=ax)
+    for name, points in paper.TOKENTUNE_FIG2_LEFT_MIB.items():
+        for b, mib in points.items():
+            ax.scatter([b], [mib - paper.TOKENTUNE_CONTEXT_MIB], marker="x", s=80, color="black")
+            ax.annotate(f"paper {name}", (b, mib - paper.TOKENTUNE_CONTEXT_MIB), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+    ax.set(xscale="log", xlabel="batch size (sequences of 128 tokens)", ylabel="peak training memory (MiB)",
+           title=f"{encoder}: computed on the meta device")
+    return fig
+
+
+def k_ablation(specs: dict[tuple[str, int], sweep.SweepSpec], lr: float,
+               storage_url: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """TokenTune Figure 2 (right) from the storage: (one row per run: task, k, seed, best validation score in %;
+    per k the mean over tasks, then mean and standard deviation over seeds)."""
+    runs = pd.DataFrame([{"task": task, "k": k, "seed": r["seed"], "val": 100 * r["validation"]["score"]}
+                         for (task, k), spec in specs.items() for r in sweep.records(spec, storage_url)
+                         if r["validation"] and r["lr"] == lr], columns=["task", "k", "seed", "val"])
+    per_k = runs.groupby(["k", "seed"]).val.mean().groupby("k").agg(["mean", "std"])  # mean over the tasks
+    return runs, per_k
+
+
+def k_ablation_figure(per_k: pd.DataFrame, tasks: list[str]) -> Figure:
+    """TokenTune Figure 2 (right): mean validation score (%) vs k, ours next to the values the paper prints."""
+    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.errorbar(per_k.index, per_k["mean"], yerr=per_k["std"].fillna(0), marker="o", capsize=3,
+                label="ours (MiniLM)")
+    theirs = paper.TOKENTUNE_FIG2_RIGHT
+    ax.plot(list(theirs), list(theirs.values()), "kx--", label="paper (BERT-base)")
+    ks = list(per_k.index)
+    ax.set(xscale="log", xticks=ks, xticklabels=ks, xlabel="selected positions k",
+           ylabel=f"mean validation score over {'/'.join(tasks)} (%)")
+    ax.legend()
+    return fig

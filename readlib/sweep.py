@@ -43,10 +43,12 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
-from readlib import data
+from readlib import data, methods, paper, paths
 from readlib.errors import ConfigError
-from readlib.params import load_sweep, make_params
+from readlib.params import RunParams, load_sweep, make_params
+from readlib.train import fit
 
 LR_RANGE = (1e-6, 3e-3)  # READ Section 3.3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -56,10 +58,9 @@ NOT_IN_NAME = ("lr", "seed", "device", "cache", "energy_interval")
 
 
 def default_storage() -> str:
-    from readlib.report import OUTPUT_DIR
-
-    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{OUTPUT_DIR / 'studies.db'}"
+    """SQLite under the output folder (created)."""
+    paths.OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{paths.output('studies.db')}"
 
 
 @dataclass
@@ -82,7 +83,7 @@ class SweepSpec:
         self.seeds = plan["seeds"] if self.seeds is None else self.seeds
         self._runs = plan["runs"]
 
-    def params(self, lr: float, seed: int):
+    def params(self, lr: float, seed: int) -> RunParams:
         """A trial's run parameters: the profile, its sweep block's ``runs``, then ``overrides`` (None keeps)."""
         overrides = self._runs | {k: v for k, v in self.overrides.items() if v is not None}
         return make_params(self.profile, task=self.task, method=self.method, backbone=self.backbone,
@@ -101,11 +102,9 @@ class SweepSpec:
     @property
     def name(self) -> str:
         """The search study's name: everything that changes a run's result, and nothing else."""
-        from readlib import methods
-
         params = self.params(LR_RANGE[0], 0)
         fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_NAME}
-        neutral = getattr(methods.get_method(self.method), "NOT_IN_NAME", ())  # memory/speed-only switches
+        neutral = methods.get_method(self.method).not_in_name  # memory/speed-only switches
         fixed["method_args"] = {k: v for k, v in dataclasses.asdict(methods.make_config(self.method, self.method_args))
                                 .items() if k not in neutral}  # defaults spelt out
         return "|".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(fixed.items()))
@@ -126,8 +125,6 @@ def storage(url: str | None = None, heartbeat: int = 30) -> optuna.storages.RDBS
 
 def _retried(make: Callable[[], Any], attempts: int = 5) -> Any:
     """``make()``, retried when workers starting together race to create the same tables or study."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     for attempt in range(1, attempts + 1):
         try:
             return make()
@@ -157,10 +154,8 @@ def _study(spec: SweepSpec, store, suffix: str = "", sampler_seed: int = 0) -> o
 
 
 def default_lr(method: str) -> float:
-    """The method's default learning rate (its module's ``DEFAULT_LR``), inside the search range."""
-    from readlib import methods
-
-    return min(max(methods.get_method(method).DEFAULT_LR, LR_RANGE[0]), LR_RANGE[1])
+    """The method's default learning rate (its spec's ``default_lr``), inside the search range."""
+    return min(max(methods.get_method(method).default_lr, LR_RANGE[0]), LR_RANGE[1])
 
 
 def _consumed(trial: optuna.trial.FrozenTrial) -> bool:
@@ -170,8 +165,6 @@ def _consumed(trial: optuna.trial.FrozenTrial) -> bool:
 
 def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None) -> Callable[[optuna.Trial], float]:
     """Search trials (``best_lr`` None) draw the learning rate; seed runs get it and the seed from the queue."""
-    from readlib.train import fit
-
     phase = "search" if best_lr is None else "seeds"
 
     def objective(trial: optuna.Trial) -> float:
@@ -287,13 +280,7 @@ def summary(spec: SweepSpec, storage_url: str | None = None) -> dict | None:
     }
 
 
-# READ Table 7: architecture candidates per method, the paper's final choice first (our defaults).
-ARCHITECTURES: dict[str, list[dict[str, Any]]] = {
-    "read": [{"rnn": "gru", "hidden": 256}, {"rnn": "gru", "hidden": 128}, {"rnn": "lstm", "hidden": 128}],
-    "adapter": [{"bottleneck": 64}, {"bottleneck": 32}, {"bottleneck": 128}],
-    "lora": [{"rank": 32}, {"rank": 8}, {"rank": 16}],
-    "prompt": [{"n_prompts": 20}, {"n_prompts": 10}, {"n_prompts": 30}],
-}
+ARCHITECTURES = paper.READ_TABLE7_CANDIDATES
 
 
 def architecture_scores(spec: SweepSpec, tasks: list[str], storage_url: str | None = None) -> list[dict]:
@@ -317,3 +304,27 @@ def architecture_scores(spec: SweepSpec, tasks: list[str], storage_url: str | No
     for rank, row in enumerate(rows):
         row["selected"] = rank == 0 and row["mean_validation"] is not None
     return rows
+
+
+def select_methods(selection: str, task: str, profile: str = "default", **overrides: Any) -> list[str]:
+    """Method names from ``selection``: "all" (every registered method that trains in the formulation of the runs
+    ``overrides`` describe, e.g. no selective fine-tuning on T5 text-to-text) or a comma-separated list, each
+    checked."""
+    if selection == "all":
+        formulation = make_params(profile, task=task, **overrides).formulation
+        return [name for name in methods.METHODS if methods.supports(name, formulation)]
+    names = [name.strip() for name in selection.split(",") if name.strip()]
+    for name in names:
+        methods.get_method(name)
+    return names
+
+
+def summaries(template: SweepSpec, names: list[str], tasks: list[str] | tuple[str, ...],
+              method_args: dict[str, dict] | None = None, storage_url: str | None = None) -> list[dict]:
+    """``summary`` of every (method, task) that has a result, for studies like ``template`` (same profile, backbone,
+    overrides and search size); ``method_args`` per method (default: the method's defaults)."""
+    args = method_args or {}
+    specs = (dataclasses.replace(template, task=task, method=name, method_args=args.get(name, {}))
+             for name in names for task in tasks)
+    found = (summary(spec, storage_url) for spec in specs)
+    return [result for result in found if result is not None]

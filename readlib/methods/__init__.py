@@ -1,38 +1,44 @@
 """Fine-tuning methods, one module each, one registry (the shape of peft's tuners).
 
-A method module defines ``Config`` (a dataclass of its hyperparameters with ``validate()``),
-``DEFAULT_LR`` and ``build(backbone, num_labels, config) -> nn.Module``. The built model maps a
-tokenized batch to logits ``[batch, num_labels]`` (one column for regression); exactly the
-parameters the method trains have ``requires_grad``. A method that trains only one formulation says
-so in ``FORMULATIONS`` (default: classification and text-to-text), checked before any data or model is
-loaded. Adding a method is one module here plus one line in ``METHODS``.
+Each method module declares ``SPEC``, a ``readlib.methods.base.MethodSpec``: its Config, default learning
+rate, formulations, build function, whether it trains from the hidden-state cache, and which hyperparameters
+stay out of study names. Specs are checked here at import. Adding a method is one module plus one line in
+``METHODS``. See docs/methods/.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Any
 
 from torch import nn
 
+from readlib.backbones import Backbone
 from readlib.errors import ConfigError
 from readlib.methods import adapter, bitfit, full, lora, lst, prompt, read, selective
+from readlib.methods.base import MethodSpec
 
-METHODS: dict[str, types.ModuleType] = {"full": full, "read": read, "bitfit": bitfit, "lora": lora, "prompt": prompt,
-                                        "selective": selective, "adapter": adapter, "lst": lst}
+METHODS: dict[str, MethodSpec] = {
+    m.SPEC.name: m.SPEC.check() for m in (full, read, bitfit, lora, prompt, selective, adapter, lst)
+}
 
 
-def get_method(name: str) -> types.ModuleType:
+def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ConfigError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
     return METHODS[name]
 
 
-def supports(name: str, text_to_text: bool) -> bool:
-    """Whether the method trains in that formulation (module attribute ``FORMULATIONS``; default: both)."""
-    kinds = getattr(get_method(name), "FORMULATIONS", ("classification", "text-to-text"))
-    return ("text-to-text" if text_to_text else "classification") in kinds
+def supports(name: str, formulation: str) -> bool:
+    """Whether the method trains in that formulation ("classification", "text-to-text", "causal-lm")."""
+    return formulation in get_method(name).formulations
+
+
+def check_formulation(name: str, formulation: str) -> None:
+    """ConfigError when the method does not train in that formulation."""
+    if not supports(name, formulation):
+        spec = get_method(name)
+        raise ConfigError(f"method '{name}' does not train {formulation}; it takes: {', '.join(spec.formulations)}")
 
 
 def coerce(label: str, value: Any, kind: type) -> Any:
@@ -56,7 +62,7 @@ def coerce(label: str, value: Any, kind: type) -> Any:
 
 def make_config(name: str, args: dict[str, Any] | None = None):
     """The method's Config from ``args`` (strings from the CLI are converted to the field's type)."""
-    config_cls = get_method(name).Config
+    config_cls = get_method(name).config
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     values = {}
     for key, value in (args or {}).items():
@@ -82,8 +88,12 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     return name, args
 
 
-def build(name: str, backbone, num_labels: int, args: dict[str, Any] | None = None) -> nn.Module:
-    return get_method(name).build(backbone, num_labels, make_config(name, args))
+def build(name: str, backbone: Backbone, num_labels: int, args: dict[str, Any] | None = None) -> nn.Module:
+    """The model of method ``name`` on ``backbone`` (changed in place by methods that adapt it: load a fresh one
+    per run); ConfigError for hyperparameters out of range or a formulation the method does not train."""
+    config = make_config(name, args)
+    check_formulation(name, backbone.formulation)
+    return get_method(name).build(backbone, num_labels, config)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

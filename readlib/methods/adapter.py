@@ -1,52 +1,15 @@
-"""Houlsby adapters (Houlsby et al. 2019, "Parameter-efficient transfer learning for NLP", Section 2.1, Figure 2) —
-READ's "Adapter" baseline (Section 3.1: "the sequential adapter version by Houlsby et al."; Table 1, Table 7).
+"""Houlsby adapters (Houlsby et al. 2019, Section 2.1, Figure 2) — READ's "Adapter" baseline (Section 3.1, Table 1).
 
-An adapter is a residual bottleneck MLP on the d-dimensional output h of a sublayer:
+A residual bottleneck MLP on the output of every attention and feed-forward sublayer, after its dropout and
+before the skip connection (on T5 in the encoder and the decoder; cross-attention gets none):
 
     A(h) = h + W_up f(W_down h + b_down) + b_up,        W_down [m, d], W_up [d, m], bottleneck m << d
 
-Two per layer, on the sublayer's output after its output projection and dropout, before the skip connection:
-
-    BERT (post-LN):  LayerNorm(x + A(Dropout(W_o · attention(x))))     and the same around the feed-forward block
-    T5 (pre-LN):     x + A(Dropout(attention(LayerNorm(x))))           and the same around the feed-forward block
-
-in every layer; on T5 in the encoder and in the decoder. Per adapter 2md + m + d parameters.
-
-Choices the papers leave open (checked against AdapterHub ``adapters`` 1.3.0, whose Houlsby config is
-``DoubleSeqBnConfig`` / "double_seq_bn", and against LST's released adapter baseline, Sung et al. 2022,
-github.com/ylsung/Ladder-Side-Tuning, ``seq2seq/configs/adapters.json``):
-
-- Placement on T5: after self-attention and after the feed-forward block of every encoder and decoder block, applied
-  to the sublayer's dropout output right before the residual add — where AdapterHub's ``T5LayerSelfAttention`` and
-  ``T5LayerFF`` call their adapters (on BERT it calls them where Houlsby does: after the dropout, before
-  ``LayerNorm(· + x)``). The decoder's cross-attention gets no adapter: AdapterHub's ``cross_adapter`` defaults to
-  False and LST's T5 adds none there either.
-- What is trained: the adapters only (plus the shared head on the encoder path; the T5 LM head stays frozen).
-  Houlsby also trains the layer norms; AdapterHub's ``train_adapter`` does not, LST's baseline does
-  (``unfreeze_layer_norms``), and READ Section 3.1 says its baselines "only update the new parameters" — so we
-  leave them frozen by default; ``layer_norms = True`` trains every layer norm of the backbone as well (BERT:
-  weight and bias, embeddings' included; T5: the RMS-norm weights, the stacks' final norms included).
-- Nonlinearity f: swish (SiLU), AdapterHub's Houlsby default. Houlsby's released code uses the tanh-approximated
-  GELU, as does LST's baseline: ``nonlinearity = "gelu_new"``.
-- Initialisation: Houlsby's near-identity init — every weight from a zero-mean normal with std 1e-2 truncated at
-  two standard deviations, biases zero (AdapterHub's ``init_weights="houlsby"``; its Houlsby config defaults to
-  BERT's N(0, 0.02) instead). The adapted model therefore starts close to, not exactly at, the frozen one.
-- Bottleneck m = 64, READ Table 7's final choice among {32, 64, 128}; the same m on every layer.
-
-READ Table 1's "0.96 %" for the adapter on T5-base (of 247.58 M = 222.90 M + the tied 32128 x 768 LM head counted a
-second time) is 2.377 M parameters. Houlsby's placement at m = 64 trains 48 x 99,136 = 4.76 M (1.92 %; AdapterHub's
-Houlsby config trains the same 4,758,528); at m = 32, 48 x 49,952 = 2.40 M (0.97 %). What gives 0.96 % is 24
-adapters at m = 64 (2,379,264, 0.961 %): one per block in the encoder and the decoder (``attention = False``: after
-the feed-forward block only), or Houlsby's two per block in one of the two stacks. We keep Houlsby's placement as
-the default.
-
-Written by hand although AdapterHub ``adapters`` implements it: its 1.3.0 release requires
-``transformers~=4.57.6``, and pinning the project there would also downgrade tokenizers, huggingface_hub, datasets
-and sentence-transformers, and breaks the T5 paths (4.57's ``T5EncoderModel`` rejects ``token_type_ids``; its
-``T5Config`` has no ``scale_decoder_outputs``). peft has no sequential bottleneck adapter. With the same weights
-this module reproduces AdapterHub's Houlsby adapter exactly on MiniLM (``tests/test_adapter.py``). The adapters are
-attached to ``backbone.model`` in place (as LoRA and BitFit change the backbone): build each run on a freshly
+Written by hand: AdapterHub ``adapters`` 1.3.0 requires ``transformers~=4.57.6``, which breaks the T5 paths here,
+and peft has no sequential bottleneck adapter; with the same weights this module reproduces AdapterHub's Houlsby
+adapter exactly on MiniLM. The adapters are attached to ``backbone.model`` in place: build each run on a freshly
 loaded backbone.
+See docs/methods/adapter.md.
 """
 
 from __future__ import annotations
@@ -56,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from readlib.methods.head import Classifier, Seq2SeqLM, check_dropout
+from readlib.errors import ConfigError
+from readlib.methods.base import MethodSpec
+from readlib.methods.head import check_dropout, wrap
 
 # Adapters learn at larger steps than full fine-tuning: Houlsby et al. swept {3e-5, 3e-4, 3e-3} on GLUE (Section 3.2)
 # and 3e-5..1e-3 on SQuAD (Section 3.5); READ Table 8 lists 1.95e-3 in the adapter row (T5-base); LST's released
@@ -80,8 +45,6 @@ class Config:
     dropout: float = 0.1  # head dropout (encoder path)
 
     def validate(self) -> None:
-        from readlib.errors import ConfigError
-
         if self.bottleneck < 1:
             raise ConfigError(f"adapter.bottleneck must be >= 1, got {self.bottleneck}")
         if self.nonlinearity not in NONLINEARITIES:
@@ -124,8 +87,6 @@ def sublayers(model: nn.Module, attention: bool = True) -> list[nn.Module]:
 
 def add_adapters(model: nn.Module, config: Config) -> list[Adapter]:
     """Attach an adapter to each sublayer's output dropout in place; returns the adapters in model order."""
-    from readlib.errors import ConfigError
-
     targets = sublayers(model, config.attention)
     if not targets:
         raise ConfigError(f"adapter supports BERT and T5 backbones; found no adapter site in {type(model).__name__}")
@@ -153,6 +114,7 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
     if config.layer_norms:
         for param in layer_norm_parameters(model):
             param.requires_grad_(True)
-    if backbone.kind == "seq2seq":
-        return Seq2SeqLM(backbone)
-    return Classifier(backbone, num_labels, config.dropout)
+    return wrap(backbone, num_labels, config.dropout)
+
+
+SPEC = MethodSpec("adapter", Config, DEFAULT_LR, build)

@@ -1,4 +1,7 @@
-"""Full fine-tuning: every backbone weight (and the head, on the encoder path) is trained (READ Table 1)."""
+"""Full fine-tuning: every backbone weight (and the head, on the encoder path) is trained (READ Table 1).
+
+See docs/methods/full.md.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from readlib.methods.head import Classifier, Seq2SeqLM, check_dropout
+from readlib.methods.base import MethodSpec
+from readlib.methods.head import check_dropout, wrap
 
 DEFAULT_LR = 5e-5
 
@@ -21,6 +25,7 @@ class Config:
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:
     backbone.model.requires_grad_(True)  # in place: the backbone object now trains
-    if backbone.kind == "seq2seq":
-        return Seq2SeqLM(backbone)
-    return Classifier(backbone, num_labels, config.dropout)
+    return wrap(backbone, num_labels, config.dropout)
+
+
+SPEC = MethodSpec("full", Config, DEFAULT_LR, build, formulations=("classification", "text-to-text", "causal-lm"))

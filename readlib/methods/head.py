@@ -4,6 +4,7 @@ READ and its baselines are evaluated text-to-text on T5 in the paper; on an enco
 Every method gets the same one so that only the adaptation differs: masked mean pooling over the
 (corrected) last hidden state — MiniLM was trained with mean pooling and T5 has no [CLS] token —
 then dropout and one linear layer (one output for regression).
+See docs/methods/README.md.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from readlib.errors import ConfigError
+
 
 def check_dropout(method: str, value: float, name: str = "dropout") -> None:
     """ConfigError unless ``value`` is a dropout probability in [0, 1)."""
-    from readlib.errors import ConfigError
-
     if not 0 <= value < 1:
         raise ConfigError(f"{method}.{name} must be in [0, 1), got {value}")
 
@@ -57,3 +58,25 @@ class Seq2SeqLM(nn.Module):
     def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> torch.Tensor:
         return self.t5(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                        decoder_attention_mask=decoder_attention_mask).logits
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM trained or adapted in place (full, LoRA): ``forward(input_ids, attention_mask, labels)``
+    -> the mean next-token cross-entropy (nats) of transformers' causal-LM loss."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.lm = backbone.model
+
+    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+def wrap(backbone, num_labels: int, dropout: float) -> nn.Module:
+    """The backbone, adapted in place, as a model of its formulation: under the shared head (classification),
+    as T5 text-to-text, or as a causal LM."""
+    if backbone.formulation == "text-to-text":
+        return Seq2SeqLM(backbone)
+    if backbone.formulation == "causal-lm":
+        return CausalLM(backbone)
+    return Classifier(backbone, num_labels, dropout)

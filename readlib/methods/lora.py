@@ -1,20 +1,10 @@
 """LoRA (Hu et al. 2021), through ``peft`` — READ's "LoRA" baseline (Section 3.1, Table 1).
 
-Each targeted frozen weight W gets a trainable low-rank update: ``h = W x + (α / r) · B A x`` with
-A [r, d_in] (Kaiming-uniform) and B [d_out, r] (zero), so the adapted model starts exactly at the frozen one.
-Only A and B are trained, plus the shared head on the encoder path; the T5 LM head stays frozen.
-
-Choices:
-
-- Targets: the attention query and value projections W_q, W_v, as in the LoRA paper's GLUE and GPT-3 runs
-  (also peft's default for both families): BERT's ``query``/``value``, T5's ``q``/``v`` — in T5's decoder
-  both self- and cross-attention.
-- Rank: 32, READ Table 7's final choice among {8, 16, 32}.
-- α: defaults to the rank (``alpha = 0`` means α = r), i.e. update scale α/r = 1 at every rank.
-- LoRA dropout: 0.0 (peft's default); the head keeps its own dropout.
-
-``peft.inject_adapter_in_model`` replaces the targeted ``nn.Linear`` modules inside ``backbone.model`` in place
-(as full fine-tuning changes the backbone in place): build each run on a freshly loaded backbone.
+Each targeted frozen weight W (the attention query and value projections) gets a trainable low-rank update:
+``h = W x + (α / r) · B A x`` with A [r, d_in] (Kaiming-uniform) and B [d_out, r] (zero), so the adapted model
+starts exactly at the frozen one. ``peft.inject_adapter_in_model`` changes ``backbone.model`` in place: build
+each run on a freshly loaded backbone.
+See docs/methods/lora.md.
 """
 
 from __future__ import annotations
@@ -23,7 +13,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from readlib.methods.head import Classifier, Seq2SeqLM, check_dropout
+from readlib.errors import ConfigError
+from readlib.methods.base import MethodSpec
+from readlib.methods.head import check_dropout, wrap
 
 # LoRA is usually run at 1e-4..1e-3 (the LoRA paper's RoBERTa GLUE runs: 4e-4..5e-4; READ Table 8: 1.75e-4).
 DEFAULT_LR = 5e-4
@@ -39,8 +31,6 @@ class Config:
     dropout: float = 0.1  # head dropout (encoder path)
 
     def validate(self) -> None:
-        from readlib.errors import ConfigError
-
         if self.rank < 1:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
         if self.alpha < 0:
@@ -64,6 +54,7 @@ def inject(model: nn.Module, config: Config) -> nn.Module:
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:
     inject(backbone.model, config)
-    if backbone.kind == "seq2seq":
-        return Seq2SeqLM(backbone)
-    return Classifier(backbone, num_labels, config.dropout)
+    return wrap(backbone, num_labels, config.dropout)
+
+
+SPEC = MethodSpec("lora", Config, DEFAULT_LR, build, formulations=("classification", "text-to-text", "causal-lm"))

@@ -1,91 +1,17 @@
 """LST: Ladder Side-Tuning (Sung, Cho & Bansal, NeurIPS 2022, arXiv 2206.06522) — READ's memory-efficient baseline
 (READ Appendix C.1, Tables 3 and 4).
 
-A small *side network* runs next to the frozen backbone and makes the predictions; the backbone is only read.
-Its hidden states reach the side network through *ladders* (LST Section 3.2, Fig. 3), one per side block:
+A small side network of width d/r runs next to the frozen backbone (under ``torch.no_grad()``) and makes the
+predictions; the backbone's hidden states reach it through gated ladders (LST Section 3.2, Fig. 3):
 
-    h_0 = W_0 φ_0                                         (φ_0: the backbone's embedding output)
-    μ_i = sigmoid(α_i / T),  α_i = 0 at the start, T = 0.1
-    x_i = μ_i · W_i φ_i + (1 - μ_i) · h_{i-1}             (W_i: ladder i, d -> d/r, with bias)
-    h_i = B_i(x_i)                                        (B_i: a Transformer block of width d/r)
-    output: U · norm(h_N)                                 (U: the final upsample, d/r -> d, with bias)
+    x_i = μ_i · W_i φ_i + (1 - μ_i) · h_{i-1},  μ_i = sigmoid(α_i / T);   h_i = B_i(x_i);   output U · norm(h_N)
 
-φ_i is the output of backbone layer i (for T5: before the stack's final layer norm). The backbone runs under
-``torch.no_grad()``: its hidden states enter the side network as constants, so backpropagation never enters the
-backbone and none of its activations are stored — the source of LST's memory savings (LST Section 3).
+Side blocks start from the L1-pruned backbone, with LST's layer dropping, as in the authors' code
+(github.com/ylsung/Ladder-Side-Tuning); side attention probabilities are recomputed in backward instead of
+being stored (``recompute_attention``).
 
-The authors' code (github.com/ylsung/Ladder-Side-Tuning), which we follow:
-
-- Side blocks (``seq2seq/third_party/models/t5/modeling_side_t5.py``, ``T5Stack``): a T5 block built from the
-  backbone's config with ``d_model``, ``d_kv`` and ``d_ff`` floor-divided by the reduction factor r and the same
-  number of heads (T5-base, r = 8: width 96, 12 heads of 8, FFN 384). Side block i cross-attends (decoder) to the
-  side encoder's output, and reuses the backbone's relative position bias; only a side block at index 0 has its
-  own (trainable) relative-bias table, as in the backbone. The side stack ends with its own final layer norm and
-  dropout. On BERT-like encoders the side blocks are the backbone's layer class (``BertLayer``) built from a
-  config with ``hidden_size`` and ``intermediate_size`` divided by r, same heads, as LST's BART encoder does with
-  ``BartEncoderLayer`` (``seq2seq/third_party/models/bart/modeling_bart_encoder.py``); post-LN layers end in a
-  layer norm, so no final norm is added there.
-- Ladders: ``side_first_downsample`` (embedding output) and one ``side_downsamples[i]`` per side block, linear
-  d -> d/r with bias (``add_bias_sampling True`` in ``seq2seq/scripts/ladder_side_tuning_base.sh``); initialised
-  N(0, 0.01²) with zero bias (``T5PreTrainedModel._init_weights``, branch for plain linear layers), as is U.
-- Gates: ``side_gate_params`` α_i = 0 (``gate_alpha``), temperature ``gate_T`` = 0.1 (``seq2seq/training_args.py``,
-  ``use_gate "learnable"`` in the script). The code writes μ·h_{i-1} + (1-μ)·W_i φ_i; we write the paper's form
-  above. With α_0 = 0 the two are the same model up to α -> -α, and AdamW's steps are odd in the gradient, so
-  training follows the mirror-image path.
-- Layer dropping (``encoder_side_layers = decoder_side_layers = [1,2,3,5,6,7,9,10,11]`` in
-  ``ladder_side_tuning_base.sh``, LST's T5-base GLUE runs): side blocks 0, 4, 8 of T5-base's 12 are dropped, in
-  encoder and decoder; the ladders of dropped layers are not built. ``drop_every = k`` drops side block i when
-  i mod k = 0 (k = 4 gives LST's list on any depth; 0 keeps every block). The code still creates the unused
-  gates of dropped layers; we create only the gates that are read.
-- Outputs: text-to-text, the side decoder's output is upsampled by ``side_final_upsample`` and fed alone to the
-  frozen tied LM head (with T5's d^-0.5 output scaling); the backbone's own output is not added
-  (``merge_last False``). Encoder path: LST's BART classifier also upsamples the last side state to d and puts
-  its classification head there (``BartForSequenceClassification``); here that head is the shared masked-mean-
-  pool head (``readlib.methods.head``).
-- Trained: every side parameter (``freeze_model_params`` in ``seq2seq/utils/utils.py`` unfreezes names
-  containing "side"), plus the head on the encoder path. Backbone and LM head stay frozen.
-- Pruned initialisation (``load_side_pretrained_weights``; ``run_seq2seq.py`` copies the pruned backbone block i
-  into side block i, the pruned final layer norm into the side's, and block 0's relative-bias table unpruned).
-  The pruning is ``pruning_v2`` = ``pruning_without_residual`` (``VL-T5/src/pruning/pruning_methods.py``; run_seq2seq
-  imports the same functions from ``seq2seq/pruning/``) with Torch-Pruning's ``L1Strategy``
-  (``Torch-Pruning/torch_pruning/prune/strategy.py``): one chain through the whole backbone (dropped layers
-  included, encoder then decoder). Start: keep the d/r embedding columns of largest L1 norm. Then, in order, each
-  linear group has its input columns cut to the previous selection and keeps the rows whose L1 norm of the
-  group's element-wise product is largest (groups: [q, k, v] -> d_kv/r per head x heads rows, [o] -> d/r,
-  [wi] -> d_ff/r, [wo] -> d/r); layer-norm vectors and biases follow the selection of the dimension they live on.
-  Kept rows stay in their original order (so heads are regrouped in order, not head-aware).
-
-Choices where the paper and code are silent or do not carry over:
-
-- Importance. LST's GLUE script ranks by Fisher information (``fisher-v2``: squared gradients of the task loss
-  summed over 1,024 training examples, ``seq2seq/pruning/fisher.py``). ``build`` sees no data, so we rank by the
-  weights themselves — the code's path without an importance measure (``pruning_v2(model, r)``). ``init="random"``
-  keeps PyTorch's default initialisation of the side blocks instead.
-- BERT-like chain (not in LST's code): starts from the word-embedding columns; [query, key, value] ->
-  attention.output.dense -> intermediate.dense -> output.dense, each LayerNorm (weight and bias) and bias
-  following its dimension. Gated T5 FFNs (wi_0, wi_1) form one group, like q, k, v.
-- Dropout. The side blocks and the embedding ladder use the backbone config's dropout (T5 ``dropout_rate``, BERT
-  ``hidden_dropout_prob``, 0.1), as LST's side blocks do. The backbone itself stays in eval mode (LST trains it in
-  train mode, so its frozen states see dropout): as for every method here, the frozen model is deterministic.
-- Width. r must divide d (READ Table 7 names the side width, 64/96/128 on T5-base = r 12/8/6); d_kv and d_ff
-  are floor-divided as in LST's code. BERT layers need d/r divisible by the head count.
-- No hidden-state cache (``readlib.cache``): the backbone pass is repeated every step.
-- Attention memory (``recompute_attention``, on by default). The side blocks keep all of the backbone's heads, so
-  their attention probabilities are as large as the backbone's, [batch, heads, tokens, tokens], and with dropout
-  PyTorch's fused kernels do not apply: eager attention stores the scores' softmax, the dropout mask and the
-  dropped probabilities of every side block — on MiniLM at 32 x 128 that is 288 of LST's 379 MiB of stored
-  activations. The side blocks here compute the same eager attention (same values, same dropout draws, same
-  gradients; ``tests/test_lst.py``) but save only q, k, v, the masks and the random state, and recompute the
-  probabilities in backward, as FlashAttention does. ``recompute_attention=False`` runs the backbone config's
-  attention instead (LST's code: eager).
-
-Count on T5-base, r = 8, default layer dropping (9 + 9 side blocks; ``tests/test_lst.py``): 3,877,938 trainable
-parameters — LST's 1.74 % of T5-base (LST Table 1) up to the 6 unused gates LST's code also counts. READ Table 4
-lists 5.04 M for its re-implementation of LST, which matches LST *without* layer dropping (``drop_every=0``):
-5,097,240 (1.1 % more than 5.04 M; READ's code is not public, so the rest is not attributable).
-
-Written here because no maintained library implements LST (peft has no side-network tuner); the authors' code
-is a fork of transformers 4.x's T5 with the side network inside ``T5Stack``.
+Written here because no maintained library implements LST (peft has no side-network tuner).
+See docs/methods/lst.md.
 """
 
 from __future__ import annotations
@@ -97,6 +23,7 @@ import torch
 from torch import nn
 
 from readlib.errors import ConfigError
+from readlib.methods.base import FrozenBackbone, MethodSpec
 from readlib.methods.head import MeanPoolHead, check_dropout
 from readlib.methods.read import lm_logits
 
@@ -104,7 +31,6 @@ from readlib.methods.read import lm_logits
 # TokenTune paper's LST candidates [3e-4, 1e-3, 3e-3]. READ Table 8 tuned 7.47e-4 for its LST.
 DEFAULT_LR = 3e-3
 INITS = ("pruned", "random")
-NOT_IN_NAME = ("recompute_attention",)  # changes memory and time, not results: sweep studies do not split on it
 LADDER_STD = 0.01  # N(0, 0.01²) for ladders and upsample, LST's init of plain linear layers
 
 
@@ -394,13 +320,11 @@ def t5_context(stack: nn.Module, keep: torch.Tensor, dtype: torch.dtype) -> dict
 # ---------------------------------------------------------------- the methods' models
 
 
-class LSTEncoder(nn.Module):
+class LSTEncoder(FrozenBackbone):
     """LST on an encoder (BERT-like or a T5 encoder): the side output, upsampled to d, under the shared head."""
 
     def __init__(self, backbone, num_labels: int, config: Config):
-        super().__init__()
-        self.backbone = backbone
-        self.frozen = backbone.model  # registered so .to(device) moves it; never trained
+        super().__init__(backbone)
         self.t5 = self.frozen.config.model_type == "t5"
         if self.t5:
             self.side = t5_side(self.frozen.encoder, config)
@@ -416,11 +340,6 @@ class LSTEncoder(nn.Module):
                 else:
                     prune_bert(self.frozen, self.side)
 
-    def train(self, mode: bool = True) -> LSTEncoder:
-        super().train(mode)
-        self.frozen.eval()  # the backbone never uses dropout (see module docstring)
-        return self
-
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         dtype = self.side.first_down.weight.dtype
         with torch.no_grad():  # the backbone's states are constants for the side network
@@ -433,12 +352,11 @@ class LSTEncoder(nn.Module):
         return self.head(self.up(self.side(list(phi), **context)), attention_mask)
 
 
-class LSTSeq2Seq(nn.Module):
+class LSTSeq2Seq(FrozenBackbone):
     """LST on T5, text-to-text: side encoder, side decoder, upsample, the frozen LM head: [batch, n, vocab]."""
 
     def __init__(self, backbone, config: Config):
-        super().__init__()
-        self.frozen = backbone.model  # T5ForConditionalGeneration; never trained
+        super().__init__(backbone)  # self.frozen: T5ForConditionalGeneration
         self.side_encoder = t5_side(self.frozen.encoder, config)
         self.side_decoder = t5_side(self.frozen.decoder, config)
         self.up = upsample(self.side_decoder, backbone.hidden_size)
@@ -447,11 +365,6 @@ class LSTSeq2Seq(nn.Module):
                 width = self.side_encoder.first_down.out_features
                 cols = prune_t5(self.frozen.encoder, self.side_encoder, keep_rows(self.frozen.shared.weight.T, width))
                 prune_t5(self.frozen.decoder, self.side_decoder, cols)
-
-    def train(self, mode: bool = True) -> LSTSeq2Seq:
-        super().train(mode)
-        self.frozen.eval()
-        return self
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None) -> torch.Tensor:
         t5, dtype = self.frozen, self.side_encoder.first_down.weight.dtype
@@ -504,6 +417,10 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
     check_backbone(backbone, config)
     # the side network lives where the backbone does (the meta device for parameter counts)
     with torch.device(next(backbone.model.parameters()).device):
-        if backbone.kind == "seq2seq":
+        if backbone.formulation == "text-to-text":
             return LSTSeq2Seq(backbone, config)
         return LSTEncoder(backbone, num_labels, config)
+
+
+# recompute_attention changes memory and time, not results: sweep studies do not split on it
+SPEC = MethodSpec("lst", Config, DEFAULT_LR, build, not_in_name=("recompute_attention",))

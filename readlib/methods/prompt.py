@@ -1,25 +1,10 @@
 """Prompt tuning (Lester et al. 2021) — READ's "Prompt-tuning" baseline (Section 3.1, Table 1).
 
 n trainable virtual-token embeddings P [n, d] are prepended to the input token embeddings; the attention mask
-is extended with n ones. Only P is trained (plus the shared head on the encoder path); the backbone, its
-embedding table and the T5 LM head stay frozen.
-
-- T5, text-to-text: ``peft``'s prompt tuning (``PromptTuningConfig``, task ``SEQ_2_SEQ_LM``); the encoder sees
-  [P; tokens], the decoder is unchanged. ``num_transformer_submodules=1``: peft's seq2seq default of 2 would
-  allocate a second set of n prompts for the decoder, which prompt tuning never reads.
-- Encoder path (BERT-like, T5 encoder): written here, because peft's ``FEATURE_EXTRACTION`` prompt tuning
-  drops ``token_type_ids`` (it warns and passes None), which BERT's sentence-pair tasks need. Prompts get
-  token type 0; on BERT the real tokens' absolute positions shift by n, as with peft (so inputs must be at
-  most 512 - n tokens long). The head pools the real tokens only: the n prompt positions are dropped before
-  the masked mean.
-
-Choices: n = 20, READ Table 7's final choice among {10, 20, 30}. P is initialised from the embeddings of n
-token ids drawn uniformly from the whole embedding table (peft's ``SAMPLE_VOCAB``; Lester et al. sample from the
-5,000 most frequent tokens, a list we do not have for every tokenizer).
-
-Unlike LoRA and BitFit, the model does not start at the frozen backbone: the prompts are attended to from the
-first step. The backbone's parameters are untouched (only ``requires_grad`` stays False); the peft wrapper holds
-``backbone.model`` as its base model.
+is extended with n ones. Only P is trained (plus the shared head on the encoder path). T5 text-to-text goes
+through ``peft``; the encoder path is written here because peft's ``FEATURE_EXTRACTION`` prompt tuning drops
+``token_type_ids``, which BERT's sentence-pair tasks need.
+See docs/methods/prompt.md.
 """
 
 from __future__ import annotations
@@ -29,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from readlib.errors import ConfigError
+from readlib.methods.base import MethodSpec
 from readlib.methods.head import MeanPoolHead, Seq2SeqLM, check_dropout
 
 # Prompt tuning needs large steps: READ Table 8 lists 7.5e-4..3e-3 per task, mostly ~3e-3.
@@ -41,8 +28,6 @@ class Config:
     dropout: float = 0.1  # head dropout (encoder path)
 
     def validate(self) -> None:
-        from readlib.errors import ConfigError
-
         if self.n_prompts < 1:
             raise ConfigError(f"prompt.n_prompts must be >= 1, got {self.n_prompts}")
         check_dropout("prompt", self.dropout)
@@ -88,6 +73,9 @@ class PromptTuningSeq2Seq(Seq2SeqLM):
 
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:
-    if backbone.kind == "seq2seq":
+    if backbone.formulation == "text-to-text":
         return PromptTuningSeq2Seq(backbone, config)
     return PromptTuning(backbone, num_labels, config)
+
+
+SPEC = MethodSpec("prompt", Config, DEFAULT_LR, build)

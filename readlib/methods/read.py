@@ -1,51 +1,16 @@
 """READ: REcurrent ADaptation (Wang et al. 2023, arXiv 2305.15348), Algorithm 1.
 
-Written here because no maintained library implements READ. The frozen backbone T runs once
-without gradient (``torch.inference_mode``) and hands over what Algorithm 1 caches: per-layer
-hidden states φ and, for the decoder, cross-attention scores σ. Small RNNs whose weights are shared
-across layers walk the *layer* axis, one independent sequence per token α.
+The frozen backbone T runs once without gradient (``torch.inference_mode``) and hands over what Algorithm 1
+caches: per-layer hidden states φ and, for the decoder, cross-attention scores σ. Small RNNs whose weights are
+shared across layers walk the *layer* axis, one independent sequence per token α; backpropagation never
+enters T (Section 2.1).
 
-Encoder (both paths), eq. (1) with Φ = Ψ = 0 (Appendix B.1):
+    h^E_i^α = N^E(φ^E_i^α, h^E_{i-1}^α),  h^E_0 = 0            (eq. (1) with Φ = Ψ = 0, Appendix B.1)
+    ψ_j^α = Σ_β σ_{D,j}^{αβ} Ψ h^E_{N_E,β},  h^D_j^α = N^D(φ^D_j^α + ψ_j^α, h^D_{j-1}^α)    (eq. (17) reduced)
+    φ'_N = φ_N + W_o h_N                     (W_o zero-initialised: training starts at the frozen backbone)
 
-    h^E_0 = 0                                        ("embeddings need no corrections")
-    h^E_i^α = N^E(φ^E_i^α, h^E_{i-1}^α),  i = 1..N_E
-
-Encoder-only backbones (BERT-like, T5 encoder; classification head):
-
-    φ'_N^α = φ_N^α + W_o h^E_N^α                     (adapted output, fed to the head)
-
-Encoder–decoder T5 (text-to-text; Algorithm 1, decoder loop, eq. (17) reduced as in Appendix B.1):
-
-    ψ_j^α = Σ_β σ_{D,j}^{αβ} Ψ h^E_{N_E,β}            (Φ = 0; Ψ·F^E h =: L h, a learnable linear map)
-    x_j^α = φ^D_j^α + ψ_j^α                          (joiner: addition)
-    h^D_j^α = N^D(x_j^α, h^D_{j-1}^α),  j = 1..N_D,  h^D_0 = 0
-    φ^D'_{N_D} = φ^D_{N_D} + W_o h^D_{N_D}            (fed to the frozen LM head)
-
-Backpropagation never enters T: nothing of the backbone is stored for backward and no backbone
-parameter gets a gradient (Section 2.1). The RNNs store only their inputs and states
-(``LayerRecurrence``).
-
-Choices the paper leaves open, and ours:
-
-- Output projection W_o. h has the RNN's size (128/256) and φ the backbone's d, so the correction
-  needs an up-projection: one bias-free linear map d_h -> d shared across tokens, initialised to
-  zero so the adapted model starts exactly at the frozen backbone (as LoRA does with its B matrix).
-  Ψ is a bias-free d_h -> d map with PyTorch's default init. Check against the paper: GRU/256 on
-  T5-base (d = 768) gives N^E + Ψ + N^D + W_o = 2·3(256·768 + 256·256 + 2·256) + 2·256·768
-  = 1,969,152 parameters, READ's 1.97 M in Table 4.
-- Multi-head cross-attention: σ_{D,j} is the average of the heads' scores (the appendix derives
-  the single-head case).
-- φ_N is the stack's output after T5's final layer norm (what the LM head reads); φ_1..φ_{N-1} are
-  the residual-stream outputs of the blocks, as transformers returns them.
-- RNN initialisation: PyTorch's default (uniform ±1/sqrt(d_h)) — no pretraining, as the paper
-  stresses. Cells: ``rnn`` (tanh), ``lstm``, ``gru``; Table 7 candidates GRU/256, GRU/128, LSTM/128.
-- Padding. Only non-padding source tokens go through N^E (each token is an independent sequence
-  over layers, so this changes nothing but the cost).
-- Dropout. The backbone runs in eval mode (no dropout), so its states are a deterministic function
-  of the input — the property that lets them be cached.
-- ``drop_layers`` removes the backbone's last k encoder and decoder layers, as the paper does for
-  READ on T5-large (Appendix C.2, k = 4); the truncated backbone is used for training and inference.
-- Head. On the encoder path, the shared masked-mean-pool head (``readlib.methods.head``).
+Written here because no maintained library implements READ.
+See docs/methods/read.md.
 """
 
 from __future__ import annotations
@@ -56,6 +21,8 @@ import torch
 from torch import nn
 
 from readlib.backbones import drop_last_layers
+from readlib.errors import ConfigError
+from readlib.methods.base import FrozenBackbone, MethodSpec
 from readlib.methods.head import MeanPoolHead, check_dropout
 
 DEFAULT_LR = 1e-3
@@ -72,8 +39,6 @@ class Config:
     joiner: str = "paper"  # "paper": Appendix B.1 (eq. 1 reduced); "gated": eq. (18), the paper's future work
 
     def validate(self) -> None:
-        from readlib.errors import ConfigError
-
         if self.rnn not in CELLS:
             raise ConfigError(f"read.rnn must be one of: {', '.join(CELLS)}; got '{self.rnn}'")
         if self.hidden < 1:
@@ -211,21 +176,18 @@ class READSideNetwork(LayerRNN):
         return self.up(super().forward(phi))
 
 
-class READ(nn.Module):
+class READ(FrozenBackbone):
     """Encoder READ with the shared classification head."""
 
     def __init__(self, backbone, num_labels: int, config: Config):
-        super().__init__()
-        self.backbone = backbone
-        self.frozen = backbone.model  # registered so .to(device) moves it; never trained
+        super().__init__(backbone)
         side = GatedSideNetwork if config.joiner == "gated" else READSideNetwork
         self.side = side(backbone.hidden_size, config)
         self.head = MeanPoolHead(backbone.hidden_size, num_labels, config.dropout)
 
-    def train(self, mode: bool = True) -> READ:
-        super().train(mode)
-        self.frozen.eval()  # the backbone never uses dropout (see module docstring)
-        return self
+    def cache_layout(self, split) -> dict[str, tuple[list[int], int, int]]:
+        """Rows per example (its real tokens), layers and width of φ_1..φ_N, for ``readlib.cache``."""
+        return {"phi": ([len(ids) for ids in split.input_ids], self.backbone.num_layers, self.backbone.hidden_size)}
 
     def features(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """φ_1..φ_N of the non-padding tokens, [N, tokens, d], computed without gradient.
@@ -247,14 +209,12 @@ class READ(nn.Module):
         return self.forward_features(self.features(input_ids, attention_mask, token_type_ids), attention_mask)
 
 
-class READSeq2Seq(nn.Module):
+class READSeq2Seq(FrozenBackbone):
     """Encoder–decoder READ, Algorithm 1 line by line; the frozen LM head reads the adapted output."""
 
     def __init__(self, backbone, config: Config):
-        super().__init__()
+        super().__init__(backbone)  # self.frozen: T5ForConditionalGeneration
         d = backbone.hidden_size
-        self.backbone = backbone
-        self.frozen = backbone.model  # T5ForConditionalGeneration; never trained
         self.gated = config.joiner == "gated"
         rnn = GatedLayerRNN if self.gated else LayerRNN
         self.encoder_rnn = rnn(d, config)  # N^E
@@ -263,11 +223,6 @@ class READSeq2Seq(nn.Module):
         self.decoder_rnn = rnn(d, config)  # N^D
         self.up = nn.Linear(config.hidden, d, bias=False)  # W_o, zero: start at the frozen model
         nn.init.zeros_(self.up.weight)
-
-    def train(self, mode: bool = True) -> READSeq2Seq:
-        super().train(mode)
-        self.frozen.eval()
-        return self
 
     def cached_states(self, input_ids, attention_mask, decoder_input_ids):
         """Algorithm 1, line 2: one backbone pass without gradient.
@@ -348,6 +303,9 @@ def lm_logits(t5, hidden: torch.Tensor) -> torch.Tensor:
 def build(backbone, num_labels: int, config: Config) -> nn.Module:
     if config.drop_layers:
         drop_last_layers(backbone, config.drop_layers)
-    if backbone.kind == "seq2seq":
+    if backbone.formulation == "text-to-text":
         return READSeq2Seq(backbone, config)
     return READ(backbone, num_labels, config)
+
+
+SPEC = MethodSpec("read", Config, DEFAULT_LR, build, trains_from_cache=True)

@@ -1,71 +1,15 @@
 """Selective fine-tuning, "TokenTune" (Simoulin et al., ES-FoMo @ ICML 2023), Section 2, eq. (1)-(4).
 
-Per sequence, k token positions are drawn at random; with the first token they form G, the others, Ḡ, are
-frozen. Every layer's hidden states are split into h = [h_G, h_Ḡ] (a reordering that changes nothing: the
-position is already encoded in the hidden states). Gradient flows only through G (eq. 3: ∂L/∂a =
-[∂L/∂a_G, 0]), so a dense layer's weight gradient only needs the selected inputs (eq. 4: ∂L/∂W =
-[∂L/∂a_G σ' h_G, 0]) and only h_G is stored for backward. Training pools the last layer over the selected
-positions (eq. 1):
+Per sequence, k random token positions plus the first form G; only G carries gradient (eq. (3):
+∂L/∂a = [∂L/∂a_G, 0]), so only h_G is stored for backward (eq. (4)). Each layer runs twice: without gradient
+over all n positions (K, V of every position), and with gradient for G, whose queries attend to K*, V* (K, V
+with rows G replaced by k_G, v_G). Training pools the selected positions (eq. (1)), evaluation every real token:
 
     π = MLP(1/|G| Σ_{i∈G} h_G,i),    p(y|X) = softmax(π)
 
-and evaluation runs the usual forward and pools over every real token. Every backbone weight is trained
-(the paper's "100 %"), or with ``lora_rank > 0`` only LoRA's A and B ("SFT + LoRA", Section 3.3, Figure 2).
-
-Per layer, two streams (``_selective_layer``):
-
-    no grad, all n positions:   q, K, V = proj(h);   h' = rest(h, attention(q, K, V))
-    with grad, G only:          q_G, k_G, v_G = proj(h_G)
-                                K* = K with rows G replaced by k_G   (V* likewise; rows Ḡ are constants)
-                                h'_G = rest(h_G, attention(q_G, K*, V*))
-                                h' ← h' with rows G replaced by h'_G (values only)
-
-The selected queries attend to the keys and values of *all* positions, as in the full model; what the
-unselected positions contribute is a constant. Autograd therefore stores, per layer, the selected rows'
-activations plus the n-row K* and V* and the |G| x n attention scores — nothing else grows with n.
-A "full forward, then detach the unselected positions" stores everything the full forward does (the
-detach comes after the activations were saved); ``tests/test_selective.py`` measures both.
-
-Choices where the paper is silent, and ours:
-
-- Selection (footnote 1: uniform, [CLS] always in): the first real token (BERT's [CLS]; BOS of a
-  decoder-only LM, also under left padding) plus k positions drawn uniformly without replacement among the
-  other real tokens; padding is never selected. A sequence with <= k + 1 real tokens has all of them
-  selected, so |G| = min(k, real - 1) + 1 varies within a batch. Rows with fewer than the batch's widest
-  selection are filled with padding positions marked invalid: padding keys are masked out of attention,
-  so fillers receive and pass on no gradient, and the head and the LM loss skip them. Draws use torch's
-  global RNG (seeded by ``train.fit``) or a given ``torch.Generator``.
-- k = 16, the paper's GLUE setting (Section 3.1); Figure 2 (right) ablates 4..64.
-- Head: the shared ``MeanPoolHead`` (dropout, one linear layer) stands for eq. 1's MLP, so every method in
-  this package differs only in its adaptation; training pools the selected positions ([CLS] included),
-  evaluation all real tokens (Section 2).
-- The frozen stream covers all n positions (the selected ones are computed twice, |G|/n extra FLOPs), which
-  yields K and V of every position without a complement gather; its selected rows are then overwritten with
-  the values of the gradient stream, so that with dropout on every position sees one sample of each state.
-- The embedding layer is part of the split: the selected positions' embeddings are computed with gradient
-  from their ids, segment ids and original positions; the full embedding output only without.
-- Attention follows the backbone's ``attn_implementation``: "eager" computes softmax(q Kᵀ·s + mask) V in
-  the open; anything else calls ``torch.nn.functional.scaled_dot_product_attention``, whose fused kernels
-  keep no |G| x n scores for backward, only their log-sum-exp (its math fallback, taken e.g. with attention
-  dropout on CPU, keeps them as eager does). The eager softmax runs in float32, as OPT's does (BERT's and
-  GPT-2's run in the input dtype: the same in float32, more accurate in half precision). Masks are additive
-  with the dtype's minimum rather than -inf, as in transformers' eager path, so that a fully masked (padding)
-  query row stays finite.
-- Decoder-only LMs (``SelectiveCausalLM``, for the paper's memory measurements: Table 1's OPT-1.3B, Figure 2):
-  the loss is the next-token cross-entropy at the selected positions only, averaged over them; a selected
-  position without a next token (the last one) or whose label is -100 adds nothing. Positions are those of
-  the model's own forward: GPT-2 counts from 0 regardless of padding, OPT counts real tokens (+2 offset).
-  OPT's LayerDrop is not implemented (0 in every released OPT).
-- T5. Its encoder (classification) is supported: T5 has no positions in its hidden states but a learned
-  bias per relative distance on the attention scores, which the selected queries get at their original
-  positions (with gradient, as the bias table trains). T5 text-to-text is refused: selective fine-tuning
-  is defined for encoders and decoder-only LMs, and the paper says nothing of an encoder-decoder.
-
-Written by hand because no maintained library implements it (peft, transformers and torchtune have
-nothing like it). To stay correct under adapters, the per-layer forward calls the layer's own submodules
-(query/key/value, output dense and LayerNorm, FFN), so that LoRA modules peft injected into them still apply;
-the implementation mirrors transformers' BertLayer, GPT2Block, OPTDecoderLayer and T5Block (same order of
-scaling, layer norms and dropouts), and with every position selected it reproduces their forward exactly.
+Written by hand because no maintained library implements it (peft, transformers and torchtune have nothing
+like it); the per-layer forward calls the layer's own submodules, so LoRA modules injected by peft still apply.
+See docs/methods/selective.md.
 """
 
 from __future__ import annotations
@@ -79,11 +23,11 @@ from torch.nn import functional as F
 
 from readlib.errors import ConfigError
 from readlib.methods import lora
+from readlib.methods.base import MethodSpec
 from readlib.methods.head import MeanPoolHead, check_dropout
 
 # The paper's cross-validated grid on BERT-large GLUE is [5e-5, 3e-5, 2e-5, 1e-5] (Section 3.1); its k ablation
 # on BERT-base uses 5e-5 (Section 3.2). With lora_rank > 0 only LoRA trains: pass lora's rate (5e-4) instead.
-FORMULATIONS = ("classification",)  # no T5 text-to-text: see build()
 DEFAULT_LR = 5e-5
 
 
@@ -387,18 +331,16 @@ class SelectiveClassifier(nn.Module):
 
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:
-    if backbone.kind == "seq2seq":
-        raise ConfigError("selective fine-tuning is defined for BERT-like encoders and decoder-only LMs, "
-                          "not T5 text-to-text")
+    """SelectiveClassifier on an encoder, SelectiveCausalLM on a decoder-only LM (T5 text-to-text is refused by
+    the spec's formulations: the paper defines the method for encoders and decoder-only LMs only)."""
     _family(backbone.model)
-    if config.lora_rank > 0:
-        # lora.build injects LoRA exactly as the "lora" method does (query/value, alpha = rank, everything else
-        # frozen) and returns it under a fresh shared head, which we keep
-        head = lora.build(backbone, num_labels, lora.Config(rank=config.lora_rank, dropout=config.dropout)).head
+    if config.lora_rank > 0:  # LoRA exactly as the "lora" method injects it (query/value, alpha = rank)
+        lora.inject(backbone.model, lora.Config(rank=config.lora_rank))
     else:
         backbone.model.requires_grad_(True)  # in place, as full fine-tuning: the backbone object now trains
-        head = MeanPoolHead(backbone.hidden_size, num_labels, config.dropout)
-    return SelectiveClassifier(backbone, head, config.k)
+    if backbone.formulation == "causal-lm":
+        return SelectiveCausalLM(backbone.model, config.k)
+    return SelectiveClassifier(backbone, MeanPoolHead(backbone.hidden_size, num_labels, config.dropout), config.k)
 
 
 # ---------------------------------------------------------------- decoder-only LMs
@@ -430,3 +372,6 @@ class SelectiveCausalLM(nn.Module):
         target = labels.gather(1, (idx + 1).clamp(max=n - 1))  # the token after each selected position
         keep = valid & (idx + 1 < n) & (target != -100)
         return F.cross_entropy(logits[keep], target[keep])
+
+
+SPEC = MethodSpec("selective", Config, DEFAULT_LR, build, formulations=("classification", "causal-lm"))
