@@ -22,8 +22,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from readlib import backbones, cache, data, methods
+from readlib.data import Encoded
 from readlib.params import make_params
-from readlib.train import Encoded, forward, task_loss
+from readlib.train import forward, task_loss
 
 
 def epoch(model, split: Encoded, batch_size: int, optimizer, regression: bool) -> float:

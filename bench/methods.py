@@ -80,7 +80,7 @@ def main() -> None:
         "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
     }
     labels = torch.randint(0, 2, (args.batch,))
-    if probe.kind == "seq2seq":
+    if probe.formulation == "text-to-text":
         labels = torch.randint(1000, probe.tokenizer.vocab_size, (args.batch, args.target))
         batch["decoder_input_ids"] = torch.cat([torch.zeros(args.batch, 1, dtype=torch.long), labels[:, :-1]], 1)
     del probe

@@ -20,15 +20,11 @@ import sys
 import pandas as pd
 
 from readlib import methods
-from readlib.costs import trainable_parameters
 from readlib.errors import ConfigError
+from readlib.paper import READ_T5_BASE_PARAMS
 from readlib.report import write_table
+from readlib.scaling import trainable_parameters
 
-# READ Table 1 (trainable params %, T5-base) and Table 4 (millions / %); None where the paper gives none.
-PAPER_T5_BASE = {
-    "full": (247.58, 100.0), "adapter": (None, 0.96), "lora": (None, 0.48), "bitfit": (None, 0.06),
-    "prompt": (None, 0.01), "read": (1.97, 0.80), "lst": (5.04, 2.00),
-}
 VARIANTS = ["adapter:attention=false", "lst:drop_every=0"]
 
 
@@ -47,7 +43,7 @@ def main() -> None:
                 print(f"{spec} on {backbone}: not applicable: {err}")
                 continue
             trainable = counts["backbone"] if method == "full" else counts["trainable"]  # paper: untied count
-            paper = PAPER_T5_BASE.get(spec, (None, None)) if backbone == "random-t5-base" else (None, None)
+            paper = READ_T5_BASE_PARAMS.get(spec, (None, None)) if backbone == "random-t5-base" else (None, None)
             rows.append({"backbone": backbone, "method": spec, "trainable_M": trainable / 1e6,
                          "percent": 100 * trainable / counts["backbone"],
                          "paper_M": paper[0], "paper_percent": paper[1]})

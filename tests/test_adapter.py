@@ -33,7 +33,7 @@ def t5_text():
 
 
 def t5_encoder():
-    return backbones.load("random-t5-tiny", text_to_text=False)
+    return backbones.load("random-t5-tiny", formulation="classification")
 
 
 def encode(backbone):
@@ -397,7 +397,7 @@ def test_fit_adapter_on_minilm():
 
 
 def test_config_defaults_and_cli_strings():
-    assert methods.METHODS["adapter"] is adapter
+    assert methods.METHODS["adapter"] is adapter.SPEC
     assert methods.make_config("adapter") == adapter.Config(bottleneck=64, nonlinearity="swish", attention=True,
                                                             layer_norms=False, dropout=0.1)
     cfg = methods.make_config("adapter", {"bottleneck": "32", "attention": "false", "layer_norms": "yes"})

@@ -58,7 +58,7 @@ def test_minilm_hidden_states(minilm):
 
 
 def test_random_t5_tiny():
-    bb = backbones.load("random-t5-tiny", text_to_text=False)
+    bb = backbones.load("random-t5-tiny", formulation="classification")
     assert isinstance(bb.model, T5EncoderModel)
     assert (bb.hidden_size, bb.num_layers) == (64, 2)
     assert bb.model.config.d_model == 64 and bb.model.config.num_layers == 2
@@ -74,7 +74,7 @@ def test_random_t5_tiny():
 
 
 def test_random_t5_override():
-    bb = backbones.load("random-t5-tiny:num_layers=3,d_ff=32", text_to_text=False)
+    bb = backbones.load("random-t5-tiny:num_layers=3,d_ff=32", formulation="classification")
     assert bb.num_layers == 3 and len(bb.model.encoder.block) == 3
     assert bb.model.config.d_ff == 32
     enc = encode(bb)
@@ -83,8 +83,8 @@ def test_random_t5_override():
 
 
 def test_random_t5_seed_fixes_weights_and_spares_global_rng():
-    a, b = (backbones.load("random-t5-tiny", seed=0, text_to_text=False) for _ in range(2))
-    c = backbones.load("random-t5-tiny", seed=1, text_to_text=False)
+    a, b = (backbones.load("random-t5-tiny", seed=0, formulation="classification") for _ in range(2))
+    c = backbones.load("random-t5-tiny", seed=1, formulation="classification")
     wa, wb, wc = (x.model.shared.weight for x in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     torch.manual_seed(5)
@@ -186,9 +186,9 @@ def test_random_bert_base_and_opt_1_3b_counts_by_formula():
     d, layers, ffn, vocab = 2048, 24, 8192, 50272
     opt_layer = 4 * (d * d + d) + (d * ffn + ffn) + (ffn * d + d) + 2 * 2 * d
     opt = vocab * d + (2048 + 2) * d + layers * opt_layer + 2 * d  # tied LM head; learned positions offset 2
-    for name, expected, kind in [("random-bert-base", bert, "encoder"), ("random-opt-1.3b", opt, "causal")]:
+    for name, expected, kind in [("random-bert-base", bert, "classification"), ("random-opt-1.3b", opt, "causal-lm")]:
         bb = backbones.load(name, meta=True)
-        assert (n_params(bb.model), bb.kind, bb.pretrained) == (expected, kind, False), name
+        assert (n_params(bb.model), bb.formulation, bb.pretrained) == (expected, kind, False), name
     assert opt == 1_315_758_080  # OPT-1.3B as published (Zhang et al. 2022: 1.3B)
 
 

@@ -164,7 +164,7 @@ def test_t5_trainable_count_formula(name, args, expected):
 
 
 def test_bitfit_on_the_t5_encoder_trains_encoder_biases_and_head():
-    bb = backbones.load("random-t5-tiny", text_to_text=False)
+    bb = backbones.load("random-t5-tiny", formulation="classification")
     encoder_block = 3 * T5_INNER + T5_D + T5_D + T5_FFN + T5_D + T5_D
     assert methods.count_parameters(methods.build("bitfit", bb, 3))[0] == T5_LAYERS * encoder_block + head(3, T5_D)
 
@@ -311,9 +311,9 @@ def test_short_training_lowers_the_loss_text_to_text(name):
 
 def test_registry_and_defaults():
     assert set(BASELINES) <= set(methods.METHODS)
-    assert methods.make_config("lora") == methods.METHODS["lora"].Config(rank=32, alpha=0.0, lora_dropout=0.0)
+    assert methods.make_config("lora") == methods.METHODS["lora"].config(rank=32, alpha=0.0, lora_dropout=0.0)
     assert methods.make_config("prompt").n_prompts == 20  # READ Table 7 final choices
-    assert [methods.METHODS[n].DEFAULT_LR for n in BASELINES] == [1e-3, 5e-4, 3e-3]
+    assert [methods.METHODS[n].default_lr for n in BASELINES] == [1e-3, 5e-4, 3e-3]
     cfg = methods.make_config("lora", {"rank": "8", "alpha": "16"})
     assert (cfg.rank, cfg.alpha) == (8, 16.0) and type(cfg.rank) is int
 

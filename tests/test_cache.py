@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import readlib.cache
-import readlib.report
+import readlib.paths
 import readlib.train
 from readlib import backbones, data, methods
 from readlib.cache import HiddenStateCache, build, cache_key
+from readlib.data import Encoded
 from readlib.errors import ConfigError
 from readlib.params import RunParams, make_params
-from readlib.train import Encoded, build_caches, fit
+from readlib.train import build_caches, fit
 
 CPU = torch.device("cpu")
 LENGTHS = [3, 1, 4, 1, 5, 9, 2, 6]  # tokens per example; 31 in all
@@ -30,7 +31,7 @@ def token_states(token_id: int) -> torch.Tensor:
 
 
 class StubSplit:
-    """What build() needs of a readlib.train.Encoded: input_ids, len() and batch() (pads with 0)."""
+    """What build() needs of a readlib.data.Encoded: input_ids, len() and batch() (pads with 0)."""
 
     def __init__(self, lengths):
         self.input_ids = [[1000 * (i + 1) + p for p in range(n)] for i, n in enumerate(lengths)]
@@ -291,8 +292,14 @@ class FakeTokenizer:
 
 def fake_backbone(**changes):
     values = dict(source="bundled:x", pretrained=True, num_layers=6, hidden_size=8, tokenizer=FakeTokenizer(),
-                  kind="encoder")
+                  formulation="classification")
     return types.SimpleNamespace(**(values | changes))
+
+
+def fake_run(params, model, backbone, splits, data_info):
+    """What build_caches reads of a readlib.train.Run."""
+    return types.SimpleNamespace(params=params, model=model, backbone=backbone, splits=splits, data_info=data_info,
+                                 eval_batch=16, device=CPU)
 
 
 DATA_INFO = {"task": "rte", "source": "bundled", "split_seed": 42, "subsample_seed": 0,
@@ -302,7 +309,7 @@ DATA_INFO = {"task": "rte", "source": "bundled", "split_seed": 42, "subsample_se
 @pytest.fixture
 def keys_of(tmp_path, monkeypatch):
     """keys_of(params changes, backbone changes, data_info) -> {split: key} that build_caches uses."""
-    monkeypatch.setattr(readlib.report, "OUTPUT_DIR", tmp_path)
+    monkeypatch.setattr(readlib.paths, "OUTPUT_DIR", tmp_path)
     built = []
 
     def fake_build_set(model, split, layout, batch_size, device, mode, dtype, path, progress):
@@ -315,10 +322,11 @@ def keys_of(tmp_path, monkeypatch):
     def keys_of(params=None, backbone=None, data_info=DATA_INFO):
         built.clear()
         run = RunParams(task="rte", backbone="minilm", max_length=32, seed=0) if params is None else params
-        model = types.SimpleNamespace(forward_features=None)
-        encoded = {name: types.SimpleNamespace(name=name, cache=None, input_ids=[[1, 2]], text_to_text=False)
+        bb = fake_backbone(**(backbone or {}))
+        model = types.SimpleNamespace(cache_layout=lambda split: {"phi": ([2], bb.num_layers, bb.hidden_size)})
+        encoded = {name: types.SimpleNamespace(name=name, cache=None, input_ids=[[1, 2]], formulation="classification")
                    for name in ("train", "validation", "test")}
-        info = build_caches(run, model, fake_backbone(**(backbone or {})), encoded, data_info, 16, CPU, False)
+        info = build_caches(fake_run(run, model, bb, encoded, data_info), False)
         assert info["mode"] == run.cache and info["bytes"] == 30
         assert all(split.cache is not None for split in encoded.values())
         assert all(b[5].parent == tmp_path / "cache" for b in built)
@@ -368,10 +376,8 @@ def test_build_caches_key_covers_what_the_states_depend_on(keys_of):
 def test_build_caches_off_or_unsupported_method_builds_nothing(monkeypatch):
     monkeypatch.setattr(readlib.cache, "build_set", lambda *a, **k: pytest.fail("no cache should be built"))
     encoded = {"train": types.SimpleNamespace(cache=None)}
-    off = RunParams(cache="off")
-    assert build_caches(off, types.SimpleNamespace(forward_features=None), fake_backbone(), encoded,
-                        DATA_INFO, 16, CPU, False) == {"mode": "off"}
-    assert build_caches(RunParams(), object(), fake_backbone(), encoded, DATA_INFO, 16, CPU, False) == {"mode": "off"}
+    for params in (RunParams(method="read", cache="off"), RunParams(method="lora")):  # lora: no trains_from_cache
+        assert build_caches(fake_run(params, object(), fake_backbone(), encoded, DATA_INFO), False) == {"mode": "off"}
     assert encoded["train"].cache is None
 
 
@@ -410,7 +416,7 @@ def counted_fit(**overrides):
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(readlib.report, "OUTPUT_DIR", out)
+        mp.setattr(readlib.paths, "OUTPUT_DIR", out)
         result = {mode: counted_fit(cache=mode) for mode in ("off", "memory", "disk")}
         result["disk again"] = counted_fit(cache="disk")
     result["dir"] = out

@@ -68,11 +68,11 @@ def test_quick_train_run():
 
 
 def test_diverged_run_exits_1_and_still_prints_the_record(monkeypatch, capsys):
-    import readlib.train
+    import readlib.__main__
     from readlib.__main__ import main
 
     record = {"task": "rte", "status": "stopped: non-finite training loss at epoch 2", "history": [{"epoch": 1}]}
-    monkeypatch.setattr(readlib.train, "fit", lambda params: record)
+    monkeypatch.setattr(readlib.__main__, "fit", lambda params: record)
     assert main(["train", "--task", "rte", "--profile", "quick"]) == 1
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1]) == record

@@ -38,7 +38,7 @@ def build(path, minilm, args=None, num_labels=2, seed=0):
     if path == "minilm":
         return methods.build("lst", own_copy(minilm), num_labels, args), encode(minilm)
     if path == "t5-encoder":
-        bb = backbones.load("random-t5-tiny", text_to_text=False)
+        bb = backbones.load("random-t5-tiny", formulation="classification")
         return methods.build("lst", bb, num_labels, args), {k: v for k, v in t5_batch()[0].items()
                                                              if not k.startswith("decoder")}
     return methods.build("lst", backbones.load("random-t5-tiny"), num_labels, args), t5_batch()[0]
@@ -115,7 +115,7 @@ def test_minilm_trainable_count_formula(minilm, args, num_labels, expected):
     ({}, False, t5_tiny(seq2seq=False)),
 ])
 def test_t5_tiny_trainable_count_formula(args, seq2seq, expected):
-    bb = backbones.load("random-t5-tiny", text_to_text=seq2seq)
+    bb = backbones.load("random-t5-tiny", formulation="text-to-text" if seq2seq else "classification")
     frozen = sum(p.numel() for p in bb.model.parameters())
     model = methods.build("lst", bb, 2, args)
     assert methods.count_parameters(model) == (expected, frozen + expected)
@@ -471,7 +471,7 @@ def test_fit_lst_on_the_tiny_t5():
 
 
 def test_registry_and_defaults():
-    assert methods.METHODS["lst"] is lst and lst.DEFAULT_LR == 3e-3
+    assert methods.METHODS["lst"] is lst.SPEC and lst.DEFAULT_LR == 3e-3
     assert methods.make_config("lst") == lst.Config(reduction=8, gate_temperature=0.1, drop_every=4, init="pruned",
                                                     dropout=0.1, recompute_attention=True)
     cfg = methods.make_config("lst", {"reduction": "12", "gate_temperature": "1"})

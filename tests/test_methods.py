@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def encode(backbone, texts=TEXTS):
 
 
 def t5_tiny():
-    return backbones.load("random-t5-tiny", text_to_text=False)
+    return backbones.load("random-t5-tiny", formulation="classification")
 
 
 
@@ -44,13 +45,42 @@ def read_trainable(cell, d, hidden, num_labels):
 # ---------------------------------------------------------------- registry and configs
 
 
-def test_registry_modules_have_the_same_shape():
+def test_registry_specs_have_the_same_shape():
     assert {"full", "read"} <= set(methods.METHODS)
-    for name, module in methods.METHODS.items():
-        assert dataclasses.is_dataclass(module.Config), name
-        assert 0 < module.DEFAULT_LR < 1, name
-        assert callable(module.build), name
-        module.Config().validate()  # the defaults are valid
+    for name, spec in methods.METHODS.items():
+        assert spec.name == name and spec.check() is spec
+        assert dataclasses.is_dataclass(spec.config), name
+        assert 0 < spec.default_lr < 1, name
+        assert callable(spec.build), name
+        spec.config().validate()  # the defaults are valid
+    assert [n for n, s in methods.METHODS.items() if s.trains_from_cache] == ["read"]
+    assert methods.METHODS["lst"].not_in_name == ("recompute_attention",)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"default_lr": 0.0}, "default_lr must be in (0, 1)"),
+    ({"formulations": ("text-to-text", "speech")}, "formulations must be a non-empty subset"),
+    ({"not_in_name": ("rank",)}, "not_in_name names no config field: ['rank']"),
+    ({"config": dict}, "config must be a dataclass with validate()"),
+])
+def test_a_bad_spec_is_refused_at_registration(change, problem):
+    bad = dataclasses.replace(methods.METHODS["read"], **change)
+    with pytest.raises(TypeError, match=re.escape(problem)):
+        bad.check()
+
+
+def test_the_frozen_backbone_stays_in_eval_mode_whatever_the_method_mode():
+    model = methods.build("read", backbones.load("random-t5-tiny", formulation="classification"), 2)
+    model.train()
+    assert model.training and model.side.training and not model.frozen.training
+    assert not any(m.training for m in model.frozen.modules())
+
+
+def test_a_formulation_the_method_does_not_train_is_refused_by_build():
+    with pytest.raises(ConfigError, match="method 'selective' does not train text-to-text"):
+        methods.build("selective", backbones.load("random-t5-tiny"), 2)
+    with pytest.raises(ConfigError, match="method 'read' does not train causal-lm"):
+        methods.build("read", backbones.load("random-opt-tiny", meta=True), 2)
 
 
 def test_unknown_method_lists_choices():
@@ -181,7 +211,7 @@ def test_read_count_minilm(minilm):
 def test_read_count_does_not_grow_with_depth():
     # one RNN shared across layers (Section 2.1): the layer count changes nothing
     counts = {n: methods.count_parameters(methods.build(
-        "read", backbones.load(f"random-t5-tiny:num_layers={n}", text_to_text=False), 2))[0] for n in (2, 6)}
+        "read", backbones.load(f"random-t5-tiny:num_layers={n}", formulation="classification"), 2))[0] for n in (2, 6)}
     assert counts[2] == counts[6] == read_trainable("gru", 64, 256, 2)
 
 
@@ -346,8 +376,8 @@ def test_trainable_state_round_trip(minilm, tmp_path):
 
 # ---------------------------------------------------------------- the matrix: every method, both formulations
 
-MATRIX = [pytest.param(name, t2t, id=f"{name}-{'text2text' if t2t else 'classification'}")
-          for name in sorted(methods.METHODS) for t2t in (False, True) if methods.supports(name, t2t)]
+MATRIX = [pytest.param(name, formulation, id=f"{name}-{formulation}") for name in sorted(methods.METHODS)
+          for formulation in ("classification", "text-to-text") if methods.supports(name, formulation)]
 
 
 def tiny_batch(bb, t2t):
@@ -372,13 +402,13 @@ def tiny_loss(model, batch, labels):
 def test_the_matrix_covers_every_method_and_refuses_nothing_silently():
     names = {p.values[0] for p in MATRIX}
     assert names == set(methods.METHODS)
-    assert {p.values[0] for p in MATRIX if p.values[1]} == set(methods.METHODS) - {"selective"}
+    assert {p.values[0] for p in MATRIX if p.values[1] == "text-to-text"} == set(methods.METHODS) - {"selective"}
 
 
-@pytest.mark.parametrize("name, t2t", MATRIX)
-def test_matrix_trained_state_round_trips(name, t2t, tmp_path):
+@pytest.mark.parametrize("name, formulation", MATRIX)
+def test_matrix_trained_state_round_trips(name, formulation, tmp_path):
     torch.manual_seed(0)
-    trained = methods.build(name, backbones.load("random-t5-tiny", text_to_text=t2t), 2).eval()
+    trained = methods.build(name, backbones.load("random-t5-tiny", formulation=formulation), 2).eval()
     with torch.no_grad():  # stands in for training: move every trained tensor
         for p in trained.parameters():
             if p.requires_grad:
@@ -387,15 +417,16 @@ def test_matrix_trained_state_round_trips(name, t2t, tmp_path):
     torch.save(state, tmp_path / f"{name}.pt")
 
     torch.manual_seed(1)
-    restored = methods.build(name, backbones.load("random-t5-tiny", text_to_text=t2t), 2).eval()
-    batch, _ = tiny_batch(backbones.load("random-t5-tiny", text_to_text=t2t), t2t)
+    restored = methods.build(name, backbones.load("random-t5-tiny", formulation=formulation), 2).eval()
+    batch, _ = tiny_batch(backbones.load("random-t5-tiny", formulation=formulation), formulation == "text-to-text")
     assert_restores(restored, trained, tmp_path / f"{name}.pt", state, batch)
 
 
-@pytest.mark.parametrize("name, t2t", MATRIX)
-def test_matrix_short_training_lowers_the_loss(name, t2t):
+@pytest.mark.parametrize("name, formulation", MATRIX)
+def test_matrix_short_training_lowers_the_loss(name, formulation):
     torch.manual_seed(0)
-    bb = backbones.load("random-t5-tiny", text_to_text=t2t)
+    t2t = formulation == "text-to-text"
+    bb = backbones.load("random-t5-tiny", formulation=formulation)
     model = methods.build(name, bb, 2)
     batch, labels = tiny_batch(bb, t2t)
     with torch.no_grad():

@@ -3,12 +3,12 @@ import dataclasses
 import pytest
 import yaml
 
-from readlib import params
+from readlib import backbones, params
 from readlib.errors import ConfigError
 from readlib.params import RunParams, load_profile, make_params
 
 RUN_FIELDS = ("task, method, backbone, lr, max_epochs, patience, batch_size, micro_batch_size, max_length, "
-              "text_to_text, weight_decay, seed, split_seed, max_train, max_eval, data_dir, cache, cache_dtype, "
+              "formulation, weight_decay, seed, split_seed, max_train, max_eval, data_dir, cache, cache_dtype, "
               "device, energy_interval, profile")
 
 
@@ -41,8 +41,9 @@ def test_profiles_are_what_the_yaml_says(profile):
     p = make_params(profile)
     assert values and all(getattr(p, k) == v for k, v in values.items())
     assert params.load_sweep(profile) == {"runs": {}} | sweep and {"lr_rounds", "seeds"} <= set(sweep)
-    untouched = {f.name for f in dataclasses.fields(RunParams)} - set(values) - {"profile"}
+    untouched = {f.name for f in dataclasses.fields(RunParams)} - set(values) - {"profile", "formulation"}
     assert all(getattr(p, k) == getattr(RunParams(), k) for k in untouched)
+    assert p.formulation == values.get("formulation", backbones.default_formulation(p.backbone))  # resolved
 
 
 def test_default_and_paper_profiles():
@@ -137,4 +138,5 @@ def test_paper_profile_sweep_is_section_3_3():
 def test_a_method_refuses_a_formulation_before_loading_anything():
     with pytest.raises(ConfigError, match="'selective' does not train text-to-text"):
         make_params("quick", method="selective", backbone="random-t5-tiny")
-    assert make_params("quick", method="selective", backbone="random-t5-tiny", text_to_text=False).method == "selective"
+    params = make_params("quick", method="selective", backbone="random-t5-tiny", formulation="classification")
+    assert params.method == "selective"

@@ -58,7 +58,7 @@ def tiny():
 
 def test_read_seq2seq_is_built_for_seq2seq_backbones(tiny):
     model = methods.build("read", tiny, 2)
-    assert tiny.kind == "seq2seq"
+    assert tiny.formulation == "text-to-text"
     assert type(model) is read.READSeq2Seq
     assert {n for n, p in model.named_parameters() if not n.startswith("frozen.")} == READ_NAMES
 
@@ -263,7 +263,7 @@ def meta_backbone(size, **overrides):
     config = backbones.random_t5_config(name)
     with torch.device("meta"):  # shapes only
         model = T5ForConditionalGeneration(config).requires_grad_(False)
-    return backbones.Backbone(name, model, None, config.d_model, config.num_layers, "meta", False, "seq2seq")
+    return backbones.Backbone(name, model, None, config.d_model, config.num_layers, "meta", False, "text-to-text")
 
 
 def test_read_on_t5_base_has_table4_trainable_parameters():

@@ -43,7 +43,7 @@ def no_dropout(model):
 
 def t5_encoder():
     """The tiny random T5 encoder (2 layers, d_model 64) and a padded batch for it."""
-    bb = backbones.load("random-t5-tiny", text_to_text=False)
+    bb = backbones.load("random-t5-tiny", formulation="classification")
     enc = bb.tokenizer(TEXTS, padding=True, return_tensors="pt")
     return bb, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -506,10 +506,10 @@ def test_bad_configs(args, needle):
 
 
 def test_t5_text_to_text_and_other_misuse_are_refused():
-    with pytest.raises(ConfigError, match="not T5 text-to-text"):
+    with pytest.raises(ConfigError, match="does not train text-to-text"):
         methods.build("selective", backbones.load("random-t5-tiny"), 2)
     with pytest.raises(ConfigError, match="needs a decoder-only LM"):
-        SelectiveCausalLM(backbones.load("random-t5-tiny", text_to_text=False).model, 4)
+        SelectiveCausalLM(backbones.load("random-t5-tiny", formulation="classification").model, 4)
     with pytest.raises(ConfigError, match="selective.k must be >= 1"):
         SelectiveCausalLM(gpt2(), 0)
 

@@ -15,8 +15,9 @@ import torch
 import readlib.data
 from readlib import backbones, data
 from readlib.__main__ import main
+from readlib.data import Encoded
 from readlib.params import make_params
-from readlib.train import Encoded, fit, greedy_decode, parse_generated, predict, task_loss
+from readlib.train import fit, greedy_decode, parse_generated, predict, task_loss
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -159,7 +160,7 @@ def rte_rows():
 def test_encoded_text_to_text_sources_and_targets(tokenizer):
     spec = data.get_task("rte")
     enc = Encoded(rte_rows(), tokenizer, spec, max_length=64, eos_id=SEP)
-    assert enc.text_to_text and enc.token_type_ids is None and enc.pad_id == PAD
+    assert enc.formulation == "text-to-text" and enc.token_type_ids is None and enc.pad_id == PAD
     assert enc.input_ids[0] == tokenizer("rte sentence1: A cat sat. sentence2: A cat is sitting.")["input_ids"]
     entailment, not_entailment = ids_of(tokenizer, "entailment"), ids_of(tokenizer, "not_entailment")
     assert (len(entailment), len(not_entailment)) == (3, 5)  # word pieces: en ##tail ##ment; not _ ...
@@ -340,7 +341,7 @@ def test_cli_text_to_text_run():
 
 
 def test_cli_text_to_text_needs_a_t5():
-    proc, seconds = cli("train", "--task", "rte", "--backbone", "minilm", "--text_to_text", "true",
+    proc, seconds = cli("train", "--task", "rte", "--backbone", "minilm", "--formulation", "text-to-text",
                         "--profile", "quick")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -362,13 +363,14 @@ def test_text_to_text_needs_a_t5_before_any_data_is_loaded(monkeypatch, capsys):
         return load_task(*args, **kwargs)
 
     monkeypatch.setattr(readlib.data, "load_task", spy)
-    assert main(["train", "--task", "rte", "--backbone", "minilm", "--text_to_text", "true", "--profile", "quick"]) == 2
+    argv = ["train", "--task", "rte", "--backbone", "minilm", "--formulation", "text-to-text", "--profile", "quick"]
+    assert main(argv) == 2
     assert "text-to-text needs a T5 backbone" in capsys.readouterr().err
     assert loaded == []
 
 
 def test_random_t5_is_text_to_text_unless_told_otherwise():
-    bb = backbones.load("random-t5-tiny", text_to_text=False)
-    assert bb.kind == "encoder" and not hasattr(bb.model, "lm_head")
+    bb = backbones.load("random-t5-tiny", formulation="classification")
+    assert bb.formulation == "classification" and not hasattr(bb.model, "lm_head")
     seq = backbones.load("random-t5-tiny")
-    assert seq.kind == "seq2seq" and seq.eos_id == SEP
+    assert seq.formulation == "text-to-text" and seq.eos_id == SEP

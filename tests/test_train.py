@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import types
 
 import datasets
 import pytest
@@ -9,9 +10,10 @@ import torch
 import readlib.methods
 import readlib.train
 from readlib import backbones, costs, data, methods, train
+from readlib.data import Encoded
 from readlib.errors import ConfigError
 from readlib.params import make_params
-from readlib.train import Encoded, fit
+from readlib.train import fit
 
 # a tiny real run: 64 RTE pairs, 32 validation and 32 test pairs, 2 epochs of 4 steps of 2 micro-batches
 SMALL = dict(task="rte", method="read", backbone="minilm", max_train=64, max_eval=32, max_epochs=2,
@@ -113,13 +115,19 @@ def test_step_costs_flops_by_formula():
     backbone = backbones.load("random-bert-tiny")
     split = Encoded(splits["train"], backbone.tokenizer, data.get_task("sst2"), 16)
     model = methods.build("full", backbone, 2)
-    out = train.step_costs(model, split, split, 4, 4, torch.device("cpu"), regression=False)
-    b, n = split.batch(torch.arange(4), torch.device("cpu"))[0]["input_ids"].shape
+    run = types.SimpleNamespace(params=types.SimpleNamespace(micro_batch_size=2), eval_batch=4, model=model,
+                                device=torch.device("cpu"), splits={"train": split, "validation": split},
+                                task=data.get_task("sst2"))
+    out = train.step_costs(run)
     d, ffn, layers, labels = 64, 128, 2, 2
-    per_layer = 2 * b * n * (4 * d * d + 2 * d * ffn) + 2 * (2 * b * n * n * d)  # projections, FFN; QKᵀ and PV
-    forward = layers * per_layer + 2 * b * d * labels  # + the head
-    assert out["flops"]["inference_batch"] == forward
-    assert out["flops"]["train_micro_batch"] == 3 * forward
+
+    def forward(examples: int) -> int:
+        b, n = split.batch(torch.arange(examples), torch.device("cpu"))[0]["input_ids"].shape
+        per_layer = 2 * b * n * (4 * d * d + 2 * d * ffn) + 2 * (2 * b * n * n * d)  # projections, FFN; QKᵀ, PV
+        return layers * per_layer + 2 * b * d * labels  # + the head
+
+    assert out["flops"]["inference_batch"] == forward(4)
+    assert out["flops"]["train_micro_batch"] == 3 * forward(2)
     assert all(p.grad is None for p in model.parameters())  # nothing left behind for the optimizer
     phases, weights = out["phases"], 4 * sum(p.numel() for p in model.parameters())
     assert phases["after"]["backward"] - phases["after"]["weights"] >= weights  # every weight has a gradient
@@ -286,7 +294,7 @@ def test_encoded_pairs_and_regression(minilm):
 @pytest.mark.parametrize("method", sorted(readlib.methods.METHODS))
 def test_every_method_trains_text_to_text_through_fit(method):
     # the train loop hands seq2seq models decoder_input_ids and decoder_attention_mask
-    if not readlib.methods.supports(method, text_to_text=True):  # refused before any data or model
+    if not readlib.methods.supports(method, formulation="text-to-text"):  # refused before any data or model
         with pytest.raises(ConfigError, match=f"method '{method}' does not train text-to-text"):
             make_params("quick", task="rte", method=method, backbone="random-t5-tiny")
         return

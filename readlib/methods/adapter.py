@@ -78,6 +78,7 @@ def sublayers(model: nn.Module, attention: bool = True) -> list[nn.Module]:
     """The residual sublayers that get an adapter, in model order; each has a ``dropout`` applied to its output
     right before the skip connection (BERT: ``BertSelfOutput``, ``BertOutput``; T5: ``T5LayerSelfAttention``,
     ``T5LayerFF``)."""
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from transformers.models.bert.modeling_bert import BertOutput, BertSelfOutput
     from transformers.models.t5.modeling_t5 import T5LayerFF, T5LayerSelfAttention
 
@@ -102,6 +103,7 @@ def add_adapters(model: nn.Module, config: Config) -> list[Adapter]:
 
 
 def layer_norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
     return [p for m in model.modules() if isinstance(m, (nn.LayerNorm, T5LayerNorm)) for p in m.parameters()]

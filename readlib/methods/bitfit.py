@@ -38,6 +38,7 @@ def _add_bias(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Ten
 
 def add_t5_biases(model: nn.Module) -> None:
     """Give every linear map and layer norm inside T5's blocks a zero bias (LST's T5 BitFit), in place."""
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from transformers.models.t5.modeling_t5 import T5Block, T5LayerNorm
 
     for block in [m for m in model.modules() if isinstance(m, T5Block)]:

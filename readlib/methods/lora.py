@@ -41,6 +41,7 @@ class Config:
 
 def inject(model: nn.Module, config: Config) -> nn.Module:
     """Put LoRA into a transformers model in place; everything but lora_A / lora_B is frozen."""
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = LoraConfig(

@@ -192,6 +192,7 @@ def recomputed_attention(module: nn.Module, query, key, value, attention_mask, s
 
 def side_config_of(config, recompute: bool):
     """A copy of a backbone config for side blocks; ``recompute``: their attention is ``recomputed_attention``."""
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from transformers import AttentionInterface
 
     config = copy.deepcopy(config)
@@ -203,6 +204,7 @@ def side_config_of(config, recompute: bool):
 
 def t5_side(stack: nn.Module, config: Config) -> T5Side:
     """Side network for a T5 stack (encoder or decoder): widths of the stack's config divided by r."""
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
     from transformers.models.t5.modeling_t5 import T5Block, T5LayerNorm
 
     side_config = side_config_of(stack.config, config.recompute_attention)

@@ -61,6 +61,7 @@ class PromptTuningSeq2Seq(Seq2SeqLM):
 
     def __init__(self, backbone, config: Config):
         nn.Module.__init__(self)
+        # heavy (seconds to import): loaded when a model is built, so bad input fails fast
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
         peft_config = PromptTuningConfig(

@@ -1,0 +1,106 @@
+"""readlib.scaling: memory computed on the meta device equals the same step measured on real weights; parameter
+counts of the papers' architectures; the tables keep the papers' numbers beside ours."""
+
+import pandas as pd
+import pytest
+import torch
+import transformers.masking_utils as masking_utils
+
+from readlib import backbones, costs, methods, paper, scaling
+from readlib.costs import SavedTensorMeter, parameter_bytes
+from readlib.errors import ConfigError
+from readlib.train import task_loss
+
+# ---------------------------------------------------------------- training memory computed on the meta device
+
+
+@pytest.mark.parametrize("method", ["full", "read", "lst", "lora"])
+def test_meta_device_memory_equals_a_real_step(method):
+    # the same step on real (random) weights, measured: the meta computation must give the same bytes
+    computed = scaling.computed_training_memory(method, "random-t5-tiny", batch=3, seq=10, target=4)
+    torch.manual_seed(0)
+    model = methods.build(method, backbones.load("random-t5-tiny"), 2).train()
+    inputs = {"input_ids": torch.randint(5, 1000, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long),
+              "decoder_input_ids": torch.randint(5, 1000, (3, 4))}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with SavedTensorMeter(model) as meter:
+        logits = model(**inputs)
+    logits.sum().backward()
+    optimizer.step()
+    measured = {"weights": parameter_bytes(model), "activations": meter.bytes,
+                "gradients": sum(p.grad.numel() * 4 for p in model.parameters() if p.grad is not None),
+                "optimizer": costs.optimizer_state_bytes(optimizer)}
+    assert computed["accounted"] == measured
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "lst"])
+def test_computed_phase_memory_equals_the_same_step_on_real_weights(method):
+    computed = scaling.computed_phase_memory(method, "random-bert-tiny", batch=3, seq=10)
+    torch.manual_seed(0)
+    model = methods.build(method, backbones.load("random-bert-tiny"), 2).train()
+    ids = torch.randint(1000, 2000, (3, 10))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    labels = torch.zeros(3, dtype=torch.long)
+    with scaling.shape_only_forward():  # the padding mask applied, as on meta (it changes no value)
+        measured = costs.phase_memory(model, lambda: task_loss(model(**inputs), labels, False), optimizer)
+    assert computed["peak"] == measured["peak"] and computed["after"] == measured["after"]
+    trained = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert computed["after"]["optimizer"] - computed["after"]["backward"] == 2 * trained + 4 * len(optimizer.state)
+
+
+def test_computed_phase_memory_decoder_only_methods():
+    full = scaling.computed_phase_memory("full", "random-opt-tiny", batch=2, seq=16)
+    lora = scaling.computed_phase_memory("lora", "random-opt-tiny", batch=2, seq=16)
+    sel = scaling.computed_phase_memory("selective", "random-opt-tiny", batch=2, seq=16, method_args={"k": 4})
+    params = list(backbones.load("random-opt-tiny", meta=True).model.parameters())  # embedding and head tied
+    weights = sum(p.numel() * 4 for p in params)
+    assert full["after"]["optimizer"] - full["after"]["backward"] == 2 * weights + 4 * len(params)
+    assert lora["cumulative"]["optimizer"] < full["cumulative"]["optimizer"]
+    assert sel["peak"]["forward"] < full["peak"]["forward"]
+    with pytest.raises(ConfigError, match="does not train causal-lm"):
+        scaling.computed_phase_memory("read", "random-opt-tiny", batch=1, seq=8)
+
+
+# ---------------------------------------------------------------- parameter counts and the patch of transformers
+
+
+def test_trainable_parameters_of_read_on_t5_base_are_table4s():
+    counts = scaling.trainable_parameters("read", "random-t5-base")  # GRU/256, READ Table 7's final choice
+    assert counts["trainable"] == 1_969_152  # READ Table 4: 1.97 M
+    assert counts["backbone"] == 222_903_552 + 32128 * 768 == 247_577_856  # Table 4's 247.58 M: tied head twice
+    assert counts["total"] == 222_903_552 + 1_969_152  # every parameter once
+    assert scaling.trainable_parameters("full", "random-t5-base")["trainable"] == 222_903_552
+
+
+def test_shape_only_forward_patches_the_mask_helpers_and_restores_them():
+    originals = [getattr(masking_utils, name) for name in scaling.MASK_HELPERS]
+    with scaling.shape_only_forward():
+        assert all(getattr(masking_utils, name)(None) is False for name in scaling.MASK_HELPERS)
+    assert [getattr(masking_utils, name) for name in scaling.MASK_HELPERS] == originals
+
+
+def test_shape_only_forward_says_so_when_transformers_renames_a_helper(monkeypatch):
+    monkeypatch.delattr(masking_utils, scaling.MASK_HELPERS[0])
+    with pytest.raises(RuntimeError, match=f"has no masking_utils.{scaling.MASK_HELPERS[0]}"):
+        with scaling.shape_only_forward():
+            pass
+
+
+def test_table4_puts_ratios_to_full_beside_the_papers():
+    parameters = pd.DataFrame({"backbone": ["base"] * 3, "method": ["full", "lst", "read"],
+                               "trainable_M": [222.9, 5.0, 1.97], "backbone_M": [247.58] * 3})
+    memory = pd.DataFrame({"backbone": ["base"] * 3, "method": ["full", "lst", "read"],
+                           "source": ["computed (meta)"] * 3, "total_GiB": [8.0, 2.0, 1.0]})
+    latency = pd.DataFrame({"backbone": ["small"], "method": ["full"], "latency_s": [0.1]})  # no base: left out
+    table = scaling.table4(parameters, memory, latency).set_index("method")
+    assert list(table["memory_vs_full"]) == [1.0, 0.25, 0.125]
+    assert table.loc["read", "paper_memory_vs_full"] == paper.READ_TABLE4["read"]["memory_gb"] / 17.86
+    assert table.loc["lst", "paper_params_M"] == 5.04 and "latency_s" not in table
+
+
+def test_inference_memory_table_has_the_papers_sizes_and_growth():
+    table = scaling.inference_memory_by_size(["tiny"], seq=8, target=2)
+    assert set(table.method) == set(paper.READ_TABLE2_GB) and table.paper_GB.isna().all()  # tiny: not in the paper
+    assert (table[table.method == "full"].growth_pct == 0).all()
+    assert (table[table.method == "read"].growth_pct > 0).all()  # READ adds its side network to the frozen model
