@@ -33,9 +33,12 @@ reproduce: setup
 		esac; \
 	done
 
+# each stage prints its wall time; nbval's default cell limit (2000 s) is too short for a slow shared CPU
 test: setup
-	$(BIN)/python -m pytest tests
-	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout 7200 notebooks  # a slow shared CPU: nbval stops a cell at 2000 s by default
+	@start=$$(date +%s); $(BIN)/python -m pytest tests; rc=$$?; \
+		echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$rc
+	@start=$$(date +%s); $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout 7200 notebooks; rc=$$?; \
+		echo "make test: nbval (notebooks) took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 lint: setup
 	$(BIN)/ruff check readlib tests bench

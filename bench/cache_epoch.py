@@ -9,7 +9,7 @@ interleaved so machine noise hits both alike; the one-off cost of filling the ca
 The limit of the speed-up is the FLOP ratio (side network forward + backward) / (backbone forward +
 side network forward + backward), counted with ``torch.utils.flop_counter`` on the first batches
 (the backbone is switched to eager attention for the count: SDPA counts as zero FLOPs on CPU).
-Target (issue "READ complete"): cached epoch <= 0.35x uncached and within 1.3x of the FLOP limit.
+Target: a cached epoch at most 0.35x an uncached one, and within 1.3x of the FLOP limit.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ LoRA (rank 32). A variant that does not apply to the backbone (e.g. selective fi
 encoder–decoder) is listed with its reason. T5 backbones run text-to-text with ``--target`` decoder tokens;
 ``random-t5-*`` are the real architectures with random weights (time and memory depend only on shapes).
 
-Targets: READ on MiniLM time <= 0.4 and bytes <= 0.2 (issue "Foundation"); READ on T5-base time <= 0.5 and
-bytes <= 0.1 (issue "READ complete"); selective (k = 16) bytes <= 0.25 and LST bytes <= 0.3 (issue "baselines").
+Targets, as ratios to full fine-tuning: READ on MiniLM time <= 0.4 and bytes <= 0.2; READ on T5-base time <= 0.5
+and bytes <= 0.1; selective (k = 16) bytes <= 0.25 and LST bytes <= 0.3.
 """
 
 from __future__ import annotations

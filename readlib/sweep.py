@@ -1,29 +1,10 @@
 """The paper's learning-rate search and seed protocol as Optuna studies; the study storage is the results store.
 
-READ Section 3.3 / Appendix C.3: for each task and method, search the learning rate on a log scale in
-[1e-6, 3e-3] for up to 32 rounds (each run early-stopped on the validation score), take the learning rate
-of the best validation run, run it with 3 seeds, and report the test scores of those runs (mean over seeds,
-Table 1's caption). Here:
-
-- One *search* study per (task, method, method hyperparameters, backbone, profile, run overrides): trial
-  ``i`` trains with seed 0 and ``lr ~ log-uniform[1e-6, 3e-3]`` drawn by Optuna's TPE sampler (Bayesian;
-  its first 10 draws are random) — except the first, which tries the method's default learning rate (with a
-  short search, two random draws over 3.5 decades often both miss; with 32 rounds it costs nothing); optional
-  median pruning on the per-epoch validation score. A *seeds* study (same name + ``|seeds``) holds the
-  re-runs of the best learning rate with seeds 1..S-1; seed 0 is the search trial itself.
-- Every finished run's full result record (``readlib.train.fit``) is stored as the trial's user attribute
-  ``record`` — tables are built from the storage only. SQLite under ``outputs/`` by default; any SQLAlchemy
-  URL (PostgreSQL, MySQL) for many machines.
-- Resumable and distributed: a worker (``python -m readlib worker``) repeatedly takes the next unit of work
-  from the storage and stops when the study is done, so N workers with the same command share the work and
-  a re-started worker continues where the killed one stopped. Each running trial writes a heartbeat; a trial
-  whose heartbeat is older than ``3 x heartbeat + 2`` seconds was killed: it is marked FAIL and a copy with
-  the same parameters is queued (Optuna's ``RetryHeartbeatStaleTrialCallback``), so the interrupted run is redone
-  and finished ones never are. A trial becomes COMPLETE only after its record is stored; tables read COMPLETE
-  trials only, so a killed trial's partial state is never read as a result.
-
-Concurrent workers may each start a search trial when one is left, so a study can end with up to N - 1
-more than ``lr_rounds`` search trials; all of them count (the best validation run wins).
+READ Section 3.3 / Appendix C.3: per task and method, a Bayesian (TPE) search of the learning rate, log-uniform
+in [1e-6, 3e-3], for up to 32 rounds (round 1: the method's default), each run early-stopped on validation; then
+the best learning rate with more seeds; the test score is the mean over seeds. Every finished run's record is a
+trial attribute, so tables are built from the storage only. Workers are resumable and distributed: any number
+share one storage, a killed trial is retried, a finished one never. See docs/sweep.md.
 """
 
 from __future__ import annotations

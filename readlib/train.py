@@ -189,7 +189,7 @@ class Training:
     best_validation: dict | None
     status: str
     optimizer: torch.optim.Optimizer
-    activation_bytes: int
+    activation_bytes: int | None  # bytes autograd stores for one micro-batch; None before the first step
     energy: dict
 
 
@@ -256,33 +256,44 @@ def train_step(run: Run, step: torch.Tensor, trained: list[nn.Parameter],
     return step_loss
 
 
+def run_epoch(run: Run, optimizer: torch.optim.Optimizer, order: torch.Generator, epoch: int, out: Training,
+              progress: bool) -> list[float]:
+    """One epoch of optimizer steps in a seeded order; the steps' losses. Stops at a non-finite loss (``out.status``
+    says so); the first step also counts the activations one micro-batch stores (``out.activation_bytes``)."""
+    trained = optimizer.param_groups[0]["params"]
+    steps = torch.randperm(len(run.splits["train"]), generator=order).split(run.params.batch_size)
+    losses = []
+    for step in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
+        optimizer.zero_grad(set_to_none=True)
+        meter = costs.SavedTensorMeter(run.model) if out.activation_bytes is None else None
+        step_loss = train_step(run, step, trained, meter)
+        if meter is not None:
+            out.activation_bytes = meter.bytes
+        if not math.isfinite(step_loss):
+            out.status = f"stopped: non-finite training loss at epoch {epoch}"
+            break
+        optimizer.step()
+        losses.append(step_loss)
+    return losses
+
+
 def train_epochs(run: Run, progress: bool, on_epoch: Callable[[dict], None] | None) -> Training:
-    """Epochs of AdamW steps until ``max_epochs`` or ``patience`` epochs without a better validation score;
-    stops at a non-finite loss, keeping what finished. Energy is metered over training and validation."""
+    """Epochs until ``max_epochs`` or ``patience`` epochs without a better validation score; a non-finite loss
+    stops training, keeping what finished. Energy is metered over training and validation (READ Table 1)."""
     params, model = run.params, run.model
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=params.learning_rate, weight_decay=params.weight_decay)
     order = torch.Generator().manual_seed(params.seed)
-    out = Training([], None, None, "ok", optimizer, 0, {})
-    best_score, bad_epochs, meter = -math.inf, 0, costs.SavedTensorMeter(model)
+    out = Training([], None, None, "ok", optimizer, None, {})
+    best_score, bad_epochs = -math.inf, 0
     epochs = tqdm(range(1, params.max_epochs + 1), desc=f"{params.method} on {params.task}", disable=not progress)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    with costs.EnergyMeter(params.energy_interval) as energy:  # training and validation, as READ Table 1
+    with costs.EnergyMeter(params.energy_interval) as energy:
         for epoch in epochs:
             model.train()
-            epoch_start, losses = time.time(), []
-            steps = torch.randperm(len(run.splits["train"]), generator=order).split(params.batch_size)
-            for step in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = train_step(run, step, trained, meter)
-                if meter is not None:  # counted on the first micro-batch only
-                    out.activation_bytes, meter = meter.bytes, None
-                if not math.isfinite(step_loss):
-                    out.status = f"stopped: non-finite training loss at epoch {epoch}"
-                    break
-                optimizer.step()
-                losses.append(step_loss)
+            epoch_start = time.time()
+            losses = run_epoch(run, optimizer, order, epoch, out, progress)
             if out.status != "ok":
                 break
             val = run.score("validation")
@@ -343,7 +354,7 @@ def step_costs(run: Run) -> dict:
 
 def measure_costs(run: Run, training: Training) -> dict:
     """The record's ``memory`` (training breakdown and phases), ``flops`` and ``latency``."""
-    memory = costs.training_memory(run.model, training.optimizer, training.activation_bytes,
+    memory = costs.training_memory(run.model, training.optimizer, training.activation_bytes or 0,
                                    run.params.micro_batch_size, run.device)
     measured = step_costs(run)
     memory["phases"] = measured.pop("phases")

@@ -129,7 +129,7 @@ def test_read_keeps_far_less_than_full_on_minilm(minilm, minilm_batch):
     full = methods.build("full", dataclasses.replace(minilm, model=copy.deepcopy(minilm.model)), 2).eval()
     read_b = saved(lambda: read(**minilm_batch), read)
     full_b = saved(lambda: full(**minilm_batch), full)
-    assert read_b / full_b < 0.2  # the "Foundation" issue target, bench/methods.py
+    assert read_b / full_b < 0.2  # the target bench/methods.py states
 
 
 @pytest.mark.parametrize("cell, width", [("gru", 16), ("rnn", 16), ("lstm", 32)])
