@@ -195,7 +195,10 @@ def test_adapter_computes_the_residual_bottleneck(name, f):
     h = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
     w1, b1, w2, b2 = module.down.weight, module.down.bias, module.up.weight, module.up.bias
     with torch.no_grad():
-        torch.testing.assert_close(module(h), h + f(h @ w1.T + b1) @ w2.T + b2, rtol=0, atol=1e-6)
+        expected = h + f(h @ w1.T + b1) @ w2.T + b2
+        # nn.Linear vs matmul and add round differently on other CPUs: ~30 ulps of the largest value (~8), still
+        # far below what separates gelu from its tanh approximation here (~1e-3)
+        torch.testing.assert_close(module(h), expected, rtol=2e-6, atol=2e-6 * expected.abs().max().item())
 
 
 def test_houlsby_init_is_near_zero_truncated_normal():
@@ -332,13 +335,18 @@ def test_matches_adapterhub_houlsby_on_minilm(minilm):
     assert len(adapters) == 2 * LAYERS
     randomize(torch.nn.ModuleList(adapters), std=ref["std"], seed=ref["seed"])
     checksum = sum(p.double().abs().sum().item() for a in adapters for p in a.parameters())
-    assert checksum == pytest.approx(ref["weights_abs_sum"], rel=1e-12)  # the very weights of the reference
+    # torch.randn's float32 kernel differs in the last bits between CPUs (AVX2 vs AVX-512 or none); another seed
+    # moves the sum by ~1e-3
+    assert checksum == pytest.approx(ref["weights_abs_sum"], rel=1e-6)  # the very weights of the reference
     with torch.no_grad():
         hidden = bb.last_hidden_state(**ref["inputs"])
         frozen = minilm.last_hidden_state(**ref["inputs"])
     mask = ref["inputs"]["attention_mask"].bool()
     assert (ref["last_hidden_state"] - frozen)[mask].abs().max() > 0.5  # the randomised adapters matter
-    torch.testing.assert_close(hidden[mask], ref["last_hidden_state"][mask], rtol=0, atol=1e-5)
+    expected = ref["last_hidden_state"][mask]
+    # another implementation, other CPU kernels, weights differing in their last bits: rounding scales with the
+    # states (up to ~6)
+    torch.testing.assert_close(hidden[mask], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 # ---------------------------------------------------------------- save and load

