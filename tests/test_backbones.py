@@ -1,3 +1,4 @@
+
 import huggingface_hub.constants
 import pytest
 import torch
@@ -203,3 +204,13 @@ def test_random_architecture_names_are_checked(name, needle):
 def test_a_glue_run_refuses_a_decoder_only_backbone():
     with pytest.raises(ConfigError, match="decoder-only LM, for memory accounting only"):
         make_params("quick", task="rte", method="full", backbone="random-opt-tiny")
+
+
+SEP, PAD = 102, 0  # the bundled word-piece tokenizer's [SEP] (eos for random T5s) and [PAD]
+
+
+def test_random_t5_is_text_to_text_unless_told_otherwise():
+    bb = backbones.load("random-t5-tiny", formulation="classification")
+    assert bb.formulation == "classification" and not hasattr(bb.model, "lm_head")
+    seq = backbones.load("random-t5-tiny")
+    assert seq.formulation == "text-to-text" and seq.eos_id == SEP

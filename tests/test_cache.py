@@ -1,6 +1,6 @@
+"""readlib.cache: the hidden-state cache (round trip, float16, sizing, disk reuse, the key) on stub splits and READ."""
+
 import collections
-import types
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -14,11 +14,13 @@ from readlib import backbones, data, methods
 from readlib.cache import HiddenStateCache, build, cache_key
 from readlib.data import Encoded
 from readlib.errors import ConfigError
-from readlib.params import RunParams, make_params
-from readlib.train import build_caches, fit
 
 CPU = torch.device("cpu")
+
+
 LENGTHS = [3, 1, 4, 1, 5, 9, 2, 6]  # tokens per example; 31 in all
+
+
 N_LAYERS, D = 3, 5
 
 
@@ -280,243 +282,6 @@ def test_cache_key_is_stable_and_order_independent():
 ])
 def test_cache_key_changes_with_every_input(field, value):
     assert cache_key(**(KEY | {field: value})) != cache_key(**KEY)
-
-
-class FakeTokenizer:
-    def __init__(self, name="tok", size=100):
-        self.name_or_path, self.size = name, size
-
-    def __len__(self):
-        return self.size
-
-
-def fake_backbone(**changes):
-    values = dict(source="bundled:x", pretrained=True, num_layers=6, hidden_size=8, tokenizer=FakeTokenizer(),
-                  formulation="classification")
-    return types.SimpleNamespace(**(values | changes))
-
-
-def fake_run(params, model, backbone, splits, data_info):
-    """What build_caches reads of a readlib.train.Run."""
-    return types.SimpleNamespace(params=params, model=model, backbone=backbone, splits=splits, data_info=data_info,
-                                 eval_batch=16, device=CPU)
-
-
-DATA_INFO = {"task": "rte", "source": "bundled", "split_seed": 42, "subsample_seed": 0,
-             "sizes_full": {"train": 2490}, "sizes_used": {"train": 48, "validation": 24, "test": 24}}
-
-
-@pytest.fixture
-def keys_of(tmp_path, monkeypatch):
-    """keys_of(params changes, backbone changes, data_info) -> {split: key} that build_caches uses."""
-    monkeypatch.setattr(readlib.paths, "OUTPUT_DIR", tmp_path)
-    built = []
-
-    def fake_build_set(model, split, layout, batch_size, device, mode, dtype, path, progress):
-        (_, n_layers, d_model), = layout.values()
-        built.append((split.name, n_layers, d_model, mode, dtype, Path(path)))
-        return readlib.cache.CacheSet(phi=types.SimpleNamespace(nbytes=10))
-
-    monkeypatch.setattr(readlib.cache, "build_set", fake_build_set)
-
-    def keys_of(params=None, backbone=None, data_info=DATA_INFO):
-        built.clear()
-        run = RunParams(task="rte", backbone="minilm", max_length=32, seed=0) if params is None else params
-        bb = fake_backbone(**(backbone or {}))
-        model = types.SimpleNamespace(cache_layout=lambda split: {"phi": ([2], bb.num_layers, bb.hidden_size)})
-        encoded = {name: types.SimpleNamespace(name=name, cache=None, input_ids=[[1, 2]], formulation="classification")
-                   for name in ("train", "validation", "test")}
-        info = build_caches(fake_run(run, model, bb, encoded, data_info), False)
-        assert info["mode"] == run.cache and info["bytes"] == 30
-        assert all(split.cache is not None for split in encoded.values())
-        assert all(b[5].parent == tmp_path / "cache" for b in built)
-        assert all(b[1:5] == (6 if backbone is None else fake_backbone(**backbone).num_layers, 8, run.cache,
-                              run.cache_dtype) for b in built)
-        return {b[0]: b[5].name for b in built}
-
-    return keys_of
-
-
-def test_build_caches_key_covers_what_the_states_depend_on(keys_of):
-    base = keys_of()
-    assert len(set(base.values())) == 3  # one key per split
-    assert keys_of() == base
-
-    def params(**changes):
-        return RunParams(**(dict(task="rte", backbone="minilm", max_length=32, seed=0) | changes))
-
-    changed = {
-        "backbone": keys_of(params(backbone="random-t5-tiny")),
-        "task": keys_of(params(task="mrpc")),
-        "max_length": keys_of(params(max_length=64)),
-        "dtype": keys_of(params(cache_dtype="float16")),
-        "source": keys_of(backbone={"source": "hub:other"}),
-        "layers": keys_of(backbone={"num_layers": 4}),
-        "tokenizer": keys_of(backbone={"tokenizer": FakeTokenizer(name="other")}),
-        "vocab": keys_of(backbone={"tokenizer": FakeTokenizer(size=101)}),
-        "random weights": keys_of(backbone={"pretrained": False}),
-        "split_seed": keys_of(data_info=DATA_INFO | {"split_seed": 7}),
-        "subsample_seed": keys_of(data_info=DATA_INFO | {"subsample_seed": 3}),
-        "sizes": keys_of(data_info=DATA_INFO | {"sizes_used": {"train": 40, "validation": 24, "test": 24}}),
-        "data source": keys_of(data_info=DATA_INFO | {"source": "local:elsewhere/glue"}),
-    }
-    for what, keys in changed.items():
-        assert all(keys[s] != base[s] for s in base), what
-
-    # random weights depend on the seed, pretrained ones do not
-    random_t5 = {"pretrained": False}
-    assert keys_of(params(seed=1), random_t5) != keys_of(params(seed=0), random_t5)
-    assert keys_of(params(seed=1)) == base
-    # what only the side network's training depends on shares the cache (epochs, LR trials, method args)
-    assert keys_of(params(lr=3e-4, batch_size=32, micro_batch_size=4, max_epochs=9,
-                          method_args={"hidden": 128})) == base
-    assert keys_of(params(cache="disk")) == base
-
-
-def test_build_caches_off_or_unsupported_method_builds_nothing(monkeypatch):
-    monkeypatch.setattr(readlib.cache, "build_set", lambda *a, **k: pytest.fail("no cache should be built"))
-    encoded = {"train": types.SimpleNamespace(cache=None)}
-    for params in (RunParams(method="read", cache="off"), RunParams(method="lora")):  # lora: no trains_from_cache
-        assert build_caches(fake_run(params, object(), fake_backbone(), encoded, DATA_INFO), False) == {"mode": "off"}
-    assert encoded["train"].cache is None
-
-
-# --- fit() ------------------------------------------------------------------------------------------
-
-SMALL = dict(task="rte", method="read", backbone="minilm", max_train=48, max_eval=24, max_epochs=2,
-             batch_size=16, micro_batch_size=8, max_length=32)
-TRAIN, EVAL, EPOCHS = 48, 24, 2
-
-
-class BackboneCalls:
-    """Counts backbone passes: calls, examples (rows) and non-padding tokens given to hidden_states."""
-
-    def __init__(self, monkeypatch):
-        self.calls, self.rows, self.tokens, self.tokens_per_call = 0, 0, 0, []
-        original = backbones.Backbone.hidden_states
-
-        def counting(backbone, input_ids, attention_mask, token_type_ids=None):
-            self.calls += 1
-            self.rows += input_ids.shape[0]
-            self.tokens += int(attention_mask.sum())
-            self.tokens_per_call.append(int(attention_mask.sum()))
-            return original(backbone, input_ids, attention_mask, token_type_ids)
-
-        monkeypatch.setattr(backbones.Backbone, "hidden_states", counting)
-
-
-def counted_fit(**overrides):
-    with pytest.MonkeyPatch.context() as mp:
-        calls = BackboneCalls(mp)
-        record = fit(make_params("quick", **(SMALL | overrides)), progress=False)
-    return record, calls
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(readlib.paths, "OUTPUT_DIR", out)
-        result = {mode: counted_fit(cache=mode) for mode in ("off", "memory", "disk")}
-        result["disk again"] = counted_fit(cache="disk")
-    result["dir"] = out
-    return result
-
-
-def assert_same_results(a: dict, b: dict, tol: float = 1e-5):
-    assert a["validation"] == b["validation"]
-    assert a["test"] == b["test"]
-    assert [r["epoch"] for r in a["history"]] == [r["epoch"] for r in b["history"]]
-    for ra, rb in zip(a["history"], b["history"], strict=True):
-        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=tol)
-        assert ra["val_score"] == rb["val_score"]
-
-
-def test_same_seed_same_metrics_with_and_without_cache(runs):
-    off, memory = runs["off"][0], runs["memory"][0]
-    assert off["epochs_run"] == memory["epochs_run"] == EPOCHS
-    assert_same_results(off, memory)
-
-
-def test_backbone_runs_once_per_example_with_the_cache(runs):
-    off_calls, memory_calls = runs["off"][1], runs["memory"][1]
-    # after training, the record's costs (train.step_costs): a micro-batch of 8 for the training FLOPs and twice
-    # for the memory phases (read from the cache when there is one), and a validation batch of 16 for the
-    # inference FLOPs, the latency warm-up and each timed repeat (never from the cache)
-    inference = (2 + readlib.train.LATENCY_REPEATS) * 16
-    # without a cache: every training example and every validation example in each epoch, then test once
-    assert off_calls.rows == EPOCHS * TRAIN + EPOCHS * EVAL + EVAL + 3 * 8 + inference == 168 + 24 + 80
-    # with it: each example of each split once, in batches of 2 x micro_batch_size = 16
-    assert memory_calls.rows == TRAIN + EVAL + EVAL + inference == 96 + 80
-    assert memory_calls.calls == 3 + 2 + 2 + 2 + readlib.train.LATENCY_REPEATS
-
-
-def test_record_describes_the_cache(runs):
-    off, memory = runs["off"][0], runs["memory"][0]
-    assert off["cache"] == {"mode": "off"}
-    info = memory["cache"]
-    assert set(info) == {"mode", "dtype", "bytes", "seconds"}
-    assert (info["mode"], info["dtype"]) == ("memory", "float32")
-    # all tokens of all three splits (the 3 + 2 + 2 filling passes come first), 6 layers of 384 float32 values each
-    assert info["bytes"] == sum(runs["memory"][1].tokens_per_call[:7]) * 6 * 384 * 4
-    assert 0 <= info["seconds"] < memory["wall_time_s"]
-
-
-def test_disk_cache_in_fit_is_written_then_reused(runs):
-    disk, disk_calls = runs["disk"]
-    again, again_calls = runs["disk again"]
-    assert disk["cache"]["mode"] == "disk" and disk["cache"]["bytes"] == runs["memory"][0]["cache"]["bytes"]
-    inference = (2 + readlib.train.LATENCY_REPEATS) * 16  # the record's inference costs, never from the cache
-    assert disk_calls.rows == 96 + inference
-    assert again_calls.calls == 2 + readlib.train.LATENCY_REPEATS  # every split came from disk
-    dirs = sorted((runs["dir"] / "cache").iterdir())
-    assert len(dirs) == 3
-    assert all(sorted(p.name for p in d.iterdir()) == ["complete", "states.npy"] for d in dirs)
-    assert sum((d / "states.npy").stat().st_size for d in dirs) > disk["cache"]["bytes"]  # + .npy headers
-    assert_same_results(disk, runs["off"][0])
-    assert_same_results(again, disk, tol=0)
-
-
-def test_fit_fails_before_any_backbone_pass_when_the_cache_cannot_fit(monkeypatch):
-    monkeypatch.setattr(readlib.cache, "available_memory", lambda: 1024)
-    calls = BackboneCalls(monkeypatch)
-    with pytest.raises(ConfigError, match="cache=disk"):
-        fit(make_params("quick", **SMALL), progress=False)
-    assert calls.calls == 0
-
-
-def test_full_fine_tuning_ignores_the_cache():
-    record, calls = counted_fit(method="full", cache="memory", max_train=8, max_eval=4, max_epochs=1,
-                                batch_size=8, max_length=16)
-    assert record["cache"] == {"mode": "off"}
-    assert record["status"] == "ok"
-    assert calls.calls == 0  # full fine-tuning runs the trainable backbone itself, never from states
-
-
-# --- params -----------------------------------------------------------------------------------------
-
-
-def test_params_reject_unknown_cache_mode_and_dtype():
-    with pytest.raises(ConfigError, match=r"unknown cache 'ram'; choose one of: off, memory, disk"):
-        make_params("quick", cache="ram")
-    with pytest.raises(ConfigError, match=r"unknown cache_dtype 'int8'; choose one of: float32, float16"):
-        make_params("quick", cache_dtype="int8")
-    assert (RunParams().cache, RunParams().cache_dtype) == ("memory", "float32")
-    assert make_params("quick", cache="disk", cache_dtype="float16").cache_dtype == "float16"
-
-
-def test_text_to_text_read_trains_from_the_cache_with_the_same_numbers():
-    # encoder states, decoder states and cross-attention scores come from the cache; evaluation
-    # generates, so only the training split is cached
-    runs = {}
-    for mode in ("off", "memory"):
-        runs[mode] = fit(make_params("quick", task="stsb", method="read", backbone="random-t5-tiny", max_train=24,
-                                     max_eval=8, max_epochs=2, patience=2, lr=3e-3, batch_size=8, micro_batch_size=4,
-                                     max_length=32, cache=mode), progress=False)
-    losses = [[row["train_loss"] for row in runs[mode]["history"]] for mode in ("off", "memory")]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
-    assert runs["off"]["test"] == runs["memory"]["test"]
-    assert runs["memory"]["cache"]["mode"] == "memory" and runs["memory"]["cache"]["bytes"] > 0
 
 
 def test_text_to_text_cache_rows_rebuild_the_backbone_pass():

@@ -1,5 +1,5 @@
-import copy
-import dataclasses
+"""readlib.costs: saved-tensor bytes, parameter bytes, energy, FLOPs, latency and memory by phase, by hand."""
+
 import sys
 import time
 import types
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from readlib import backbones, costs, methods
+from readlib import costs, methods
 from readlib.costs import SavedTensorMeter, parameter_bytes
 
 F32 = 4  # bytes per float32
@@ -81,78 +81,6 @@ def test_meter_stops_counting_on_exit():
         x.exp()
     x.sin()
     assert meter.bytes == 40
-
-
-# ---------------------------------------------------------------- READ vs full
-
-
-def encode(backbone, texts, max_length=48):
-    enc = backbone.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-
-
-def read_bytes_by_hand(layers, tokens, d, hidden, width, batch, length):
-    """Activation bytes READ keeps in eval mode, term by term (float32 unless noted).
-
-    tokens: real tokens in the batch; length: padded length; width: cell state (2*hidden for LSTM).
-    """
-    phi = layers * tokens * d * F32  # the stacked φ_1..φ_N, the recurrence's input
-    states = (layers + 1) * tokens * width * F32  # s_0..s_N; gates are recomputed in backward
-    h_last = tokens * hidden * F32  # W_o's input h_N
-    head = (batch * length * F32  # the float mask in (hidden * mask)
-            + batch * F32  # the token counts dividing the pooled sum
-            + batch * d * F32  # the linear layer's input (pooled states)
-            + batch * length)  # the bool mask indexing the corrected states (1 byte each)
-    return phi + states + h_last + head
-
-
-@pytest.fixture(scope="module")
-def minilm_batch(minilm):
-    texts = ["The cat sat on the mat. " * 3,
-             "A considerably longer sentence, so that the other one in this batch needs padding. " * 2]
-    return encode(minilm, texts)
-
-
-def test_read_bytes_on_minilm_by_hand(minilm, minilm_batch):
-    read = methods.build("read", minilm, 2).eval()
-    b, length = minilm_batch["input_ids"].shape
-    tokens = int(minilm_batch["attention_mask"].sum())
-    assert (b, length, tokens) == (2, 36, 59)
-    # φ: 6*59*384*4 = 543,744; s_0..s_6: 7*59*256*4 = 422,912; h_N: 59*256*4 = 60,416;
-    # head: 2*36*4 + 2*4 + 2*384*4 + 2*36 = 3,440
-    assert read_bytes_by_hand(6, tokens, 384, 256, 256, b, length) == 1_030_512
-    assert saved(lambda: read(**minilm_batch), read) == 1_030_512
-
-
-def test_read_keeps_far_less_than_full_on_minilm(minilm, minilm_batch):
-    read = methods.build("read", minilm, 2).eval()
-    full = methods.build("full", dataclasses.replace(minilm, model=copy.deepcopy(minilm.model)), 2).eval()
-    read_b = saved(lambda: read(**minilm_batch), read)
-    full_b = saved(lambda: full(**minilm_batch), full)
-    assert read_b / full_b < 0.2  # the target bench/methods.py states
-
-
-@pytest.mark.parametrize("cell, width", [("gru", 16), ("rnn", 16), ("lstm", 32)])
-def test_read_bytes_do_not_depend_on_backbone_activations(cell, width):
-    # same batch through a 2-layer and a 6-layer random T5: 19 real tokens of d = 64
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 2000, (2, 12), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0  # 12 + 7 = 19 real tokens
-    read_b, full_b = {}, {}
-    for layers in (2, 6):
-        bb = backbones.load(f"random-t5-tiny:num_layers={layers}", formulation="classification")
-        read = methods.build("read", bb, 2, {"rnn": cell, "hidden": 16}).eval()
-        read_b[layers] = saved(lambda: read(ids, mask), read)  # noqa: B023
-        assert read_b[layers] == read_bytes_by_hand(layers, 19, 64, 16, width, 2, 12)
-        full = methods.build("full", bb, 2).eval()
-        full_b[layers] = saved(lambda: full(ids, mask), full)  # noqa: B023
-    # 4 more layers add exactly 4 φ_i and 4 states s_i per token: 4 * 19 * (64 + width) * 4 bytes
-    assert read_b[6] - read_b[2] == 4 * 19 * (64 + width) * F32
-    # full fine-tuning keeps every layer's activations: its bytes grow almost with depth
-    assert full_b[6] >= 2.5 * full_b[2]
-    per_layer_read, per_layer_full = (read_b[6] - read_b[2]) / 4, (full_b[6] - full_b[2]) / 4
-    assert per_layer_read < 0.15 * per_layer_full
 
 
 # ---------------------------------------------------------------- parameter bytes

@@ -1,12 +1,18 @@
+"""readlib.data: the GLUE registry, loading, the paper's splits, the T5 text-to-text strings and Encoded splits."""
+
 import shutil
 
+import datasets
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from readlib import data
+from readlib import backbones, data
+from readlib.data import Encoded
 from readlib.errors import ConfigError, DataNotFoundError
+from readlib.train import parse_generated
 
 BUNDLED = ("cola", "sst2", "mrpc", "stsb", "rte")
 # (train, validation, test) by the Section 3.2 recipe from the official GLUE sizes
@@ -205,3 +211,223 @@ def test_split_table():
     assert t.loc["rte", "note"] == "not in paper"
     assert pd.isna(t.loc["rte", "follows_recipe"]) and pd.isna(t.loc["rte", "train_paper"])
     assert tuple(t.loc["rte", ["train_ours", "validation_ours", "test_ours"]]) == EXPECTED["rte"]
+
+
+SEP, PAD = 102, 0  # the bundled word-piece tokenizer's [SEP] (eos for random T5s) and [PAD]
+
+
+# T5's GLUE class names, in GLUE label order
+CLASS_NAMES = {
+    "cola": ("unacceptable", "acceptable"),
+    "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"),
+    "qqp": ("not_duplicate", "duplicate"),
+    "mnli": ("entailment", "neutral", "contradiction"),
+    "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return backbones.load("random-t5-tiny").tokenizer
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- source and target strings
+
+
+@pytest.mark.parametrize("task, row, expected", [
+    ("rte", {"sentence1": "A", "sentence2": "B"}, "rte sentence1: A sentence2: B"),
+    ("mrpc", {"sentence1": "He said so.", "sentence2": "So he said."},
+     "mrpc sentence1: He said so. sentence2: So he said."),
+    ("sst2", {"sentence": "a gripping film"}, "sst2 sentence: a gripping film"),
+    ("cola", {"sentence": "Him went."}, "cola sentence: Him went."),
+    ("stsb", {"sentence1": "x", "sentence2": "y"}, "stsb sentence1: x sentence2: y"),
+    ("qqp", {"question1": "Why?", "question2": "How?"}, "qqp question1: Why? question2: How?"),
+    ("qnli", {"question": "Who?", "sentence": "Me."}, "qnli question: Who? sentence: Me."),
+    ("mnli", {"premise": "P", "hypothesis": "H"}, "mnli premise: P hypothesis: H"),
+])
+def test_t5_source(task, row, expected):
+    assert data.t5_source(data.get_task(task), row | {"label": 0, "idx": 7}) == expected
+
+
+@pytest.mark.parametrize("task", sorted(CLASS_NAMES))
+def test_t5_target_classes(task):
+    spec = data.get_task(task)
+    assert tuple(data.t5_target(spec, i) for i in range(spec.num_labels)) == CLASS_NAMES[task]
+    assert tuple(data.t5_target(spec, float(i)) for i in range(spec.num_labels)) == CLASS_NAMES[task]
+
+
+# STS-B: T5's recipe round(5 * score) / 5, where round() breaks ties to the even integer
+# ("banker's rounding", as tf.round does)
+STSB_TARGETS = [
+    (3.87, "3.8"),  # 19.35 -> 19 -> 3.8
+    (3.9, "4.0"),  # 19.5 -> tie -> even 20 -> 4.0
+    (3.7, "3.6"),  # 18.5 -> tie -> even 18 -> 3.6 (not 3.8)
+    (0.5, "0.4"),  # 2.5 -> even 2 -> 0.4
+    (1.1, "1.2"),  # 5.5 -> even 6 -> 1.2
+    (0.3, "0.4"),  # 1.5 -> even 2 -> 0.4 (dividing by 0.2 instead gives 1.4999999999999998 -> 0.2)
+    (4.25, "4.2"),  # 21.25 -> 21 -> 4.2
+    (4.99, "5.0"),  # 24.95 -> 25 -> 5.0
+    (0.09, "0.0"),  # 0.45 -> 0
+    (5.0, "5.0"),
+    (0.0, "0.0"),
+    (2, "2.0"),  # an integer label
+]
+
+
+@pytest.mark.parametrize("score, expected", STSB_TARGETS, ids=[s for _, s in STSB_TARGETS])
+def test_t5_target_stsb_rounds_to_0_2(score, expected):
+    assert data.STSB_STEP == 0.2
+    assert data.t5_target(data.get_task("stsb"), score) == expected
+
+
+@pytest.mark.parametrize("task", sorted(CLASS_NAMES))
+def test_t5_label_round_trips_every_class_through_the_tokenizer(task, tokenizer):
+    spec = data.get_task(task)
+    for i, name in enumerate(CLASS_NAMES[task]):
+        assert data.t5_label(spec, name) == i
+        decoded = tokenizer.decode(ids_of(tokenizer, name))  # e.g. "not _ entailment"
+        assert data.t5_label(spec, decoded) == i, decoded
+
+
+def test_t5_label_stsb_round_trips_every_step(tokenizer):
+    spec = data.get_task("stsb")
+    for k in range(26):  # 0.0, 0.2, ..., 5.0
+        target = data.t5_target(spec, k * 0.2)
+        assert target == f"{k // 5}.{2 * (k % 5)}"
+        decoded = tokenizer.decode(ids_of(tokenizer, target))  # e.g. "3. 8"
+        assert data.t5_label(spec, decoded) == pytest.approx(k * 0.2, abs=1e-12)
+
+
+def test_t5_label_tolerates_word_piece_spacing():
+    rte, mnli = data.get_task("rte"), data.get_task("mnli")
+    assert data.t5_label(rte, "not _ entailment") == 1
+    assert data.t5_label(rte, " entailment \n") == 0
+    assert data.t5_label(mnli, "contra diction") == 2
+    assert data.t5_label(data.get_task("stsb"), "3. 8") == pytest.approx(3.8)
+
+
+@pytest.mark.parametrize("task, text", [
+    ("rte", ""), ("rte", "entail"), ("rte", "yes"), ("rte", "not entailment x"), ("rte", "neutral"),
+    ("mnli", "not_entailment"), ("sst2", "positive negative"), ("cola", "[UNK]"),
+    ("stsb", ""), ("stsb", "abc"), ("stsb", "3.8.1"), ("stsb", "entailment"),
+])
+def test_t5_label_junk_is_none(task, text):
+    assert data.t5_label(data.get_task(task), text) is None
+
+
+@pytest.mark.parametrize("text, value", [("7.5", 5.0), ("5.2", 5.0), ("- 1. 2", 0.0), ("-0.1", 0.0),
+                                         ("2.6", 2.6), ("0", 0.0), ("5", 5.0), ("12", 5.0)])
+def test_t5_label_clamps_stsb_to_0_5(text, value):
+    assert data.t5_label(data.get_task("stsb"), text) == pytest.approx(value)
+
+
+def test_t5_label_nan_is_no_valid_stsb_target(tokenizer):
+    spec = data.get_task("stsb")
+    assert tokenizer.convert_tokens_to_ids("nan") != tokenizer.unk_token_id  # a model can generate it
+    assert data.t5_label(spec, "nan") is None
+    # parse_generated then counts it as wrong (0.0), instead of a NaN that makes Pearson NaN
+    ids = torch.tensor([ids_of(tokenizer, "nan") + [SEP]])
+    assert parse_generated(spec, tokenizer, ids, SEP, [3.0]).tolist() == [0.0]
+    for junk in ("inf", "1_0", "1e3", "1."):
+        assert data.t5_label(spec, junk) is None
+
+
+# ---------------------------------------------------------------- Encoded in text-to-text mode
+
+
+def rte_rows():
+    return datasets.Dataset.from_dict({
+        "sentence1": ["A cat sat.", "It rained all day long in the city."],
+        "sentence2": ["A cat is sitting.", "The sun shone."],
+        "label": [0, 1],  # entailment, not_entailment
+        "idx": [0, 1],
+    })
+
+
+def test_encoded_text_to_text_sources_and_targets(tokenizer):
+    spec = data.get_task("rte")
+    enc = Encoded(rte_rows(), tokenizer, spec, max_length=64, eos_id=SEP)
+    assert enc.formulation == "text-to-text" and enc.token_type_ids is None and enc.pad_id == PAD
+    assert enc.input_ids[0] == tokenizer("rte sentence1: A cat sat. sentence2: A cat is sitting.")["input_ids"]
+    entailment, not_entailment = ids_of(tokenizer, "entailment"), ids_of(tokenizer, "not_entailment")
+    assert (len(entailment), len(not_entailment)) == (3, 5)  # word pieces: en ##tail ##ment; not _ ...
+    assert enc.targets == [entailment + [SEP], not_entailment + [SEP]]
+    assert all(t[-1] == SEP for t in enc.targets)
+    assert enc.labels.tolist() == [0, 1] and enc.labels.dtype == torch.long
+
+
+def test_encoded_text_to_text_batch(tokenizer):
+    enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=64, eos_id=SEP)
+    inputs, labels = enc.batch([0, 1], torch.device("cpu"))
+    assert set(inputs) == {"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"}
+    t0, t1 = enc.targets  # 4 and 6 ids
+    assert inputs["decoder_attention_mask"].tolist() == [[1] * len(t0) + [0, 0], [1] * len(t1)]
+    # labels: the target ids, padded with -100 (ignored by the loss)
+    assert labels.tolist() == [t0 + [-100, -100], t1]
+    # decoder inputs: T5's shift right, [pad] + targets[:-1], with the pad id where labels are -100
+    assert inputs["decoder_input_ids"].tolist() == [[PAD] + t0 + [PAD], [PAD] + t1[:-1]]
+    lengths = [len(i) for i in enc.input_ids]
+    assert inputs["attention_mask"].sum(1).tolist() == lengths
+    assert inputs["input_ids"][0, lengths[0]:].eq(PAD).all()  # the shorter source is padded
+    # one example alone: no padding at all
+    single, single_labels = enc.batch([0], torch.device("cpu"))
+    assert single_labels.tolist() == [t0] and single["decoder_input_ids"].tolist() == [[PAD] + t0[:-1]]
+
+
+def test_encoded_stsb_targets(tokenizer):
+    rows = datasets.Dataset.from_dict({"sentence1": ["a", "b"], "sentence2": ["c", "d"],
+                                       "label": [3.87, 5.0], "idx": [0, 1]})
+    enc = Encoded(rows, tokenizer, data.get_task("stsb"), max_length=16, eos_id=SEP)
+    assert enc.labels.dtype == torch.float32
+    assert enc.targets == [ids_of(tokenizer, "3.8") + [SEP], ids_of(tokenizer, "5.0") + [SEP]]
+
+
+    # no weight check: SGD's weights are w - lr*g, fixed by these gradients (and step 2's are taken at them)
+
+
+# ---------------------------------------------------------------- Encoded
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one id per word (100 + its length), pad id 7, truncation at max_length."""
+
+    pad_token_id = 7
+
+    def __call__(self, texts, truncation, max_length):
+        ids = [[100 + len(w) for w in t.split()][:max_length] for t in texts]
+        return {"input_ids": ids}
+
+
+def test_encoded_batch_pads_with_pad_id_and_zero_mask():
+    ds = datasets.Dataset.from_dict({"sentence": ["aa b", "a bb ccc dddd", "x y z"], "label": [1, 0, 1]})
+    enc = Encoded(ds, WordTokenizer(), data.get_task("sst2"), max_length=3)
+    assert len(enc) == 3 and enc.token_type_ids is None
+    inputs, labels = enc.batch([2, 0], torch.device("cpu"))
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    assert inputs["input_ids"].tolist() == [[101, 101, 101], [102, 101, 7]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert labels.tolist() == [1, 1] and labels.dtype == torch.long
+    inputs, _ = enc.batch([1], torch.device("cpu"))  # 4 words truncated to 3
+    assert inputs["input_ids"].tolist() == [[101, 102, 103]]
+
+
+def test_encoded_pairs_and_regression(minilm):
+    ds = datasets.Dataset.from_dict({"sentence1": ["A man plays.", "Two dogs run in the park today."],
+                                     "sentence2": ["Someone plays.", "Dogs run."], "label": [3.8, 2.5]})
+    enc = Encoded(ds, minilm.tokenizer, data.get_task("stsb"), max_length=64)
+    inputs, labels = enc.batch([0, 1], torch.device("cpu"))
+    assert labels.dtype == torch.float32 and labels.tolist() == pytest.approx([3.8, 2.5])
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
+    n0 = len(enc.input_ids[0])
+    assert n0 < ids.shape[1] == len(enc.input_ids[1])
+    assert ids[0, n0:].eq(minilm.tokenizer.pad_token_id).all() and mask[0, n0:].eq(0).all()
+    assert mask[0, :n0].eq(1).all() and mask[1].eq(1).all()
+    assert types[0].tolist() == enc.token_type_ids[0] + [0] * (ids.shape[1] - n0)
+    assert types[1].max() == 1  # the second sentence is segment 1
+    assert minilm.tokenizer.decode(ids[0, :n0]) == "[CLS] a man plays. [SEP] someone plays. [SEP]"

@@ -140,3 +140,15 @@ def test_a_method_refuses_a_formulation_before_loading_anything():
         make_params("quick", method="selective", backbone="random-t5-tiny")
     params = make_params("quick", method="selective", backbone="random-t5-tiny", formulation="classification")
     assert params.method == "selective"
+
+
+# --- params -----------------------------------------------------------------------------------------
+
+
+def test_params_reject_unknown_cache_mode_and_dtype():
+    with pytest.raises(ConfigError, match=r"unknown cache 'ram'; choose one of: off, memory, disk"):
+        make_params("quick", cache="ram")
+    with pytest.raises(ConfigError, match=r"unknown cache_dtype 'int8'; choose one of: float32, float16"):
+        make_params("quick", cache_dtype="int8")
+    assert (RunParams().cache, RunParams().cache_dtype) == ("memory", "float32")
+    assert make_params("quick", cache="disk", cache_dtype="float16").cache_dtype == "float16"

@@ -1,17 +1,11 @@
-"""The sweep: study names, the protocol (search, best lr, seeds), resuming after kill -9, two concurrent workers.
+"""The sweep: study names, the protocol (search, best lr, seeds), architecture selection (multi-process runs:
+integration/test_sweep_workers.py).
 
 Runs are tiny real trainings (BitFit on MiniLM, 16 RTE training examples) so that the storage logic is tested
-end to end through ``readlib.train.fit`` and real subprocesses.
+end to end through ``readlib.train.fit``.
 """
 
 import dataclasses
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import optuna
 import pytest
@@ -21,8 +15,6 @@ from readlib import backbones, sweep
 from readlib.errors import ConfigError, DataNotFoundError
 from readlib.params import RunParams
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 TINY = {"max_train": 16, "max_eval": 8, "max_epochs": 1}
 
 
@@ -33,12 +25,6 @@ def spec(**changes):
 
 def trials(url, name):
     return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-
-
-def worker_cmd(url, rounds, seeds, epochs=1):
-    return [sys.executable, "-m", "readlib", "worker", "--task", "rte", "--method", "bitfit", "--profile", "quick",
-            "--max_train", "16", "--max_eval", "8", "--max_epochs", str(epochs), "--lr_rounds", str(rounds),
-            "--seeds", str(seeds), "--storage", url, "--heartbeat", "1"]
 
 
 def test_study_name_changes_with_what_changes_results_only():
@@ -104,61 +90,6 @@ def test_worker_runs_the_protocol_and_never_repeats_a_finished_run(tmp_path):
     search = trials(url, s.name)
     changed = max(search, key=lambda t: (t.value, -t.number)).number != best.number
     assert len(search) == 4 and ran == 1 + changed
-
-
-def test_kill_9_mid_trial_then_the_same_command_resumes(tmp_path):
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    name = spec(overrides=TINY | {"max_epochs": 3}).name
-    cmd = worker_cmd(url, rounds=3, seeds=1, epochs=3)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    deadline, killed = time.monotonic() + 240, None
-    while killed is None and time.monotonic() < deadline:  # kill while the second trial runs
-        time.sleep(0.2)
-        try:
-            states = [t.state for t in trials(url, name)]
-        except KeyError:  # study not created yet
-            continue
-        if states[:1] == [TrialState.COMPLETE] and states[1:] == [TrialState.RUNNING]:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = 1
-    proc.wait(timeout=30)
-    assert killed == 1 and proc.returncode == -signal.SIGKILL
-    assert [t.state for t in trials(url, name)] == [TrialState.COMPLETE, TrialState.RUNNING]
-    first_lr = trials(url, name)[0].params["lr"]
-
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    out = json.loads(rerun.stdout.strip().splitlines()[-1])
-    after = trials(url, name)
-    killed_trial = after[1]
-    assert killed_trial.state == TrialState.FAIL and "record" not in killed_trial.user_attrs
-    complete = [t for t in after if t.state == TrialState.COMPLETE]
-    assert len(complete) == 3 and all("record" in t.user_attrs for t in complete)  # no half-written result
-    assert complete[0].params["lr"] == first_lr  # the finished trial was kept, not re-run
-    retry = [t for t in complete if t.system_attrs.get("failed_trial") == 1]
-    assert len(retry) == 1 and retry[0].params == killed_trial.params  # the interrupted run was redone
-    assert out["trials_run_here"] == 2 and out["search_runs"] == 3  # the retry + the third round
-
-
-def test_two_workers_share_one_storage(tmp_path):
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    name = spec(overrides=TINY | {"max_epochs": 2}).name
-    cmd = worker_cmd(url, rounds=4, seeds=2, epochs=2)
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
-    ran = [json.loads(out.strip().splitlines()[-1])["trials_run_here"] for out, _ in outs]
-    search = [t for t in trials(url, name) if t.state == TrialState.COMPLETE]
-    seeds = [t for t in trials(url, name + "|seeds") if t.state == TrialState.COMPLETE]
-    workers = {t.user_attrs["worker"] for t in search + seeds}
-    assert min(ran) >= 1 and len(workers) == 2  # both did work
-    assert 4 <= len(search) <= 5  # a worker may start one extra round while the other finishes the last
-    best_lr = max(search, key=lambda t: (t.value, -t.number)).params["lr"]
-    assert [t.params for t in seeds if t.params["lr"] == best_lr] == [{"lr": best_lr, "seed": 1}]
-    assert sum(ran) == len(search) + len(seeds) + sum(  # every trial a worker counted is in the storage
-        t.state == TrialState.PRUNED for t in trials(url, name + "|seeds"))
-    print(f"trials per worker: {ran}")
 
 
 def test_architecture_selection_by_mean_best_validation_over_complete_tasks(tmp_path, monkeypatch):

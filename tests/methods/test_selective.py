@@ -6,7 +6,6 @@ way, so that the unselected positions' keys and values are constants (eq. 4 stor
 no gradient through h_Ḡ). Mixing at the layer inputs alone is *not* the same gradient (tested below).
 """
 
-
 import pytest
 import torch
 from helpers import own_copy, randomize
@@ -22,9 +21,12 @@ from readlib.params import make_params
 from readlib.train import fit
 
 TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
-PAIRS = ["It sat.", "The sentence is long.", "Yes."]
-D, H, LAYERS = 384, 12, 6  # MiniLM-L6
 
+
+PAIRS = ["It sat.", "The sentence is long.", "Yes."]
+
+
+D, H, LAYERS = 384, 12, 6  # MiniLM-L6
 
 
 def encode(backbone):

@@ -18,14 +18,22 @@ from readlib.params import make_params
 from readlib.train import fit
 
 TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
+
+
 PAIRS = ["It sat.", "The sentence is long.", "Yes."]
+
+
 VOCAB = backbones.T5_VOCAB
-REFERENCE = Path(__file__).parent / "data" / "adapter_reference.pt"
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "adapter_reference.pt"
+
 
 # MiniLM-L6: 6 layers, d = 384. Tiny T5: 2 + 2 blocks, d = 64. T5-base: 12 + 12 blocks, d = 768.
 D, LAYERS = 384, 6
-T5_D, T5_LAYERS = 64, 2
 
+
+T5_D, T5_LAYERS = 64, 2
 
 
 def t5_text():
@@ -39,7 +47,6 @@ def t5_encoder():
 def encode(backbone):
     enc = backbone.tokenizer(TEXTS, PAIRS, padding=True, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-
 
 
 def head(num_labels, d=D):
@@ -59,6 +66,8 @@ def t5_tiny_count(m=64):
 
 
 MINILM_LAYER_NORMS = (1 + 2 * LAYERS) * 2 * D  # embeddings' + 2 per layer, weight and bias
+
+
 T5_TINY_LAYER_NORMS = (2 * T5_LAYERS + 1 + 3 * T5_LAYERS + 1) * T5_D  # RMS norms, weight only; + each stack's final
 
 

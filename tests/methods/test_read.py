@@ -1,4 +1,10 @@
-"""Encoder–decoder READ (Algorithm 1 of READ, Appendix B.2, with the reductions of Appendix B.1)."""
+"""READ (readlib.methods.read, Algorithm 1): the encoder path with a head and the encoder–decoder path on T5
+(Appendix B.1/B.2), the layer recurrence, the gated joiner of eq. (18), parameter counts (Table 4), gradient
+isolation in bytes, drop_layers (Appendix C.2).
+"""
+
+import copy
+import dataclasses
 
 import pytest
 import torch
@@ -11,19 +17,27 @@ from readlib.errors import ConfigError
 from readlib.methods import read
 
 F32 = 4  # bytes per float32
+
+
 READ_PREFIXES = ("encoder_rnn.", "psi.", "decoder_rnn.", "up.")
+
+
 CELL_WEIGHTS = ("cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh")
+
+
 # every parameter READ adds to T5: N^E, Ψ, N^D, W_o
 READ_NAMES = {f"{rnn}.{w}" for rnn in ("encoder_rnn", "decoder_rnn") for w in CELL_WEIGHTS} | {
     "psi.weight", "up.weight"}
+
+
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 
 
-def t5(name="random-t5-tiny", seed=0):
+def load_t5(name="random-t5-tiny", seed=0):
     return backbones.load(name, seed=seed)  # T5ForConditionalGeneration (text-to-text is T5's default)
 
 
-def batch(vocab_lo=1000, vocab_hi=2000):
+def seq2seq_batch(vocab_lo=1000, vocab_hi=2000):
     """Two source rows of 7 tokens, the second padded after 4 (11 real tokens), and 3 decoder inputs."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(vocab_lo, vocab_hi, (2, 7), generator=gen)
@@ -53,7 +67,7 @@ def read_seq2seq_params(d, cell="gru", hidden=256):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return t5()
+    return load_t5()
 
 
 def test_read_seq2seq_is_built_for_seq2seq_backbones(tiny):
@@ -65,7 +79,7 @@ def test_read_seq2seq_is_built_for_seq2seq_backbones(tiny):
 
 def test_logits_shape_and_start_at_the_frozen_t5(tiny):
     model = methods.build("read", tiny, 2).eval()
-    inputs = batch()
+    inputs = seq2seq_batch()
     logits = model(**inputs)
     assert logits.shape == (2, 3, backbones.T5_VOCAB)
     assert torch.equal(model.up.weight, torch.zeros(64, 256))  # W_o = 0
@@ -79,7 +93,7 @@ def test_logits_shape_and_start_at_the_frozen_t5(tiny):
 def test_randomized_side_network_moves_the_logits(tiny):
     model = methods.build("read", tiny, 2).eval()
     randomize(read_modules(model))
-    inputs = batch()
+    inputs = seq2seq_batch()
     with torch.no_grad():
         assert (model(**inputs) - tiny.model(**inputs).logits).abs().max() > 1e-2
 
@@ -100,7 +114,7 @@ def test_forward_is_algorithm_1_by_hand(tiny):
     torch.manual_seed(0)
     model = methods.build("read", tiny, 2, {"hidden": 8}).eval()
     randomize(read_modules(model), std=0.3)
-    inputs = batch()
+    inputs = seq2seq_batch()
     with torch.no_grad():
         out = tiny.model(**inputs, output_hidden_states=True, output_attentions=True)
         h = torch.zeros(2, 7, 8)
@@ -121,7 +135,7 @@ def test_forward_is_algorithm_1_by_hand(tiny):
 def test_padding_does_not_change_a_row(tiny):
     model = methods.build("read", tiny, 2).eval()
     randomize(read_modules(model))
-    inputs = batch()
+    inputs = seq2seq_batch()
     alone = {k: v[1:, : (4 if k != "decoder_input_ids" else None)] for k, v in inputs.items()}
     with torch.no_grad():
         single = model(**alone)
@@ -129,21 +143,21 @@ def test_padding_does_not_change_a_row(tiny):
         torch.testing.assert_close(model(**inputs)[1:], single, rtol=1e-5, atol=1e-5 * single.abs().max().item())
 
 
-def test_backbone_stays_in_eval_mode_when_training(tiny):
+def test_read_seq2seq_backbone_stays_in_eval_mode_when_training(tiny):
     model = methods.build("read", tiny, 2).train()
     assert model.training and not any(m.training for m in tiny.model.modules())
     randomize(read_modules(model))
-    inputs = batch()
+    inputs = seq2seq_batch()
     assert torch.equal(model(**inputs), model(**inputs))  # T5's dropout (0.1) is off
 
 
 def test_gradients_reach_exactly_the_read_parameters():
-    bb = t5()
+    bb = load_t5()
     model = methods.build("read", bb, 2).train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == READ_NAMES
     assert all(n.startswith("frozen.") for n, p in model.named_parameters() if not p.requires_grad)
-    logits = model(**batch())
+    logits = model(**seq2seq_batch())
     logits.square().mean().backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("frozen."))
     assert all(p.grad is None for p in bb.model.parameters())
@@ -155,23 +169,23 @@ def test_gradients_reach_exactly_the_read_parameters():
 
 
 def test_every_read_parameter_learns_once_w_o_is_nonzero():
-    bb = t5()
+    bb = load_t5()
     model = methods.build("read", bb, 2).train()
     randomize(read_modules(model))
-    model(**batch()).square().mean().backward()
+    model(**seq2seq_batch()).square().mean().backward()
     for name in READ_NAMES:
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     assert all(p.grad is None for p in bb.model.parameters())
 
 
 def test_an_optimizer_step_leaves_the_backbone_bitwise_unchanged():
-    bb = t5()
+    bb = load_t5()
     model = methods.build("read", bb, 2).train()
     randomize(read_modules(model))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # hand every parameter to AdamW, with weight decay: the backbone's have no gradient, so no update
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    model(**batch()).square().mean().backward()
+    model(**seq2seq_batch()).square().mean().backward()
     optimizer.step()
     for name, p in model.named_parameters():
         if name.startswith("frozen."):
@@ -208,17 +222,17 @@ def saved_bytes(model, inputs) -> int:
 
 
 @pytest.mark.parametrize("cell, width", [("gru", 16), ("lstm", 32)])
-def test_read_bytes_grow_only_by_what_read_stores(cell, width):
+def test_read_seq2seq_bytes_grow_only_by_what_read_stores(cell, width):
     # same batch through a 2-layer and a 6-layer random T5 (same seed): B = 2, m = 7 (11 real
     # tokens), n = 3, d = 64; RNN hidden 16 (a quarter of d, as 256 is a third of T5-base's 768)
-    inputs = batch()
+    inputs = seq2seq_batch()
     read_b, full_b = {}, {}
     for layers in (2, 6):
-        bb = t5(f"random-t5-tiny:num_layers={layers}")
+        bb = load_t5(f"random-t5-tiny:num_layers={layers}")
         model = methods.build("read", bb, 2, {"rnn": cell, "hidden": 16})
         read_b[layers] = saved_bytes(model, inputs)
         assert read_b[layers] == read_seq2seq_bytes(layers, layers, 11, 2, 7, 3, 64, 16, width)
-        full = methods.build("full", t5(f"random-t5-tiny:num_layers={layers}"), 2)
+        full = methods.build("full", load_t5(f"random-t5-tiny:num_layers={layers}"), 2)
         full_b[layers] = saved_bytes(full, inputs)
     # GRU: 2 layers: 5,632 + 2,112 + 704 + 14 + 336 + 3,072 + 1,152 + 384 = 13,406 bytes
     if cell == "gru":
@@ -235,7 +249,7 @@ def test_read_bytes_grow_only_by_what_read_stores(cell, width):
 
 
 def test_nothing_saved_is_inference_mode_or_backbone_memory_except_the_lm_head():
-    bb = t5()
+    bb = load_t5()
     model = methods.build("read", bb, 2)
     backbone_storages = {p.untyped_storage().data_ptr() for p in bb.model.parameters()}
     saved = []
@@ -245,7 +259,7 @@ def test_nothing_saved_is_inference_mode_or_backbone_memory_except_the_lm_head()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**batch())
+        model(**seq2seq_batch())
     assert len(saved) > 10
     assert not any(inference for _, inference, _ in saved)  # cached states left inference mode
     # Gradient must flow from the logits back through the frozen LM head to φ^D' (it is T5's own
@@ -309,8 +323,8 @@ def test_read_count_does_not_change_with_depth_or_dropped_layers():
 
 
 def test_drop_layers_truncates_both_stacks_and_starts_at_the_truncated_t5():
-    bb = t5("random-t5-tiny:num_layers=3")
-    inputs = batch()
+    bb = load_t5("random-t5-tiny:num_layers=3")
+    inputs = seq2seq_batch()
     with torch.no_grad():
         untruncated = bb.model(**inputs).logits
     model = methods.build("read", bb, 2, {"drop_layers": 1}).eval()
@@ -330,7 +344,7 @@ def test_drop_layers_truncates_both_stacks_and_starts_at_the_truncated_t5():
 
 @pytest.mark.parametrize("k", [3, 4])
 def test_drop_layers_must_leave_a_layer(k):
-    bb = t5("random-t5-tiny:num_layers=3")
+    bb = load_t5("random-t5-tiny:num_layers=3")
     with pytest.raises(ConfigError, match=f"cannot drop {k} layers from a 3-layer stack"):
         methods.build("read", bb, 2, {"drop_layers": k})
     assert len(bb.model.encoder.block) == len(bb.model.decoder.block) == 3  # nothing was removed
@@ -366,15 +380,352 @@ def test_layer_recurrence_matches_torch_rnn(kind, rnn_class):
     assert phi_ours.grad.abs().min() > 0
 
 
-def test_full_seq2seq_trains_every_t5_parameter():
-    bb = t5()
-    model = methods.build("full", bb, 2)
-    inputs = batch()
-    with torch.no_grad():
-        assert torch.equal(model.eval()(**inputs), bb.model(**inputs).logits)
-    model(**inputs).square().mean().backward()
-    params = list(model.parameters())
-    assert params and all(p.requires_grad for p in params)
-    assert all(p.grad is not None for p in params)
-    assert methods.count_parameters(model)[0] == sum(p.numel() for p in bb.model.parameters())
+def joiner_t5_batch():
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 3000, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    return ids, mask, torch.randint(1000, 3000, (3, 4))
 
+
+@pytest.mark.parametrize("joiner", read.JOINERS)
+def test_both_joiners_start_at_the_frozen_t5(joiner):
+    bb = backbones.load("random-t5-tiny")
+    model = methods.build("read", bb, 2, {"joiner": joiner, "hidden": 16})
+    ids, mask, dec = joiner_t5_batch()
+    expected = bb.model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert torch.equal(model(ids, mask, dec), expected)
+
+
+def test_gated_joiner_with_zero_ffn_and_context_is_the_plain_rnn():
+    # FFN's output layer starts at zero, so x_i = φ_i + Gate(φ_i) ⊙ 0 = φ_i: the paper's recurrence
+    torch.manual_seed(1)
+    config = read.Config(rnn="lstm", hidden=5, joiner="gated")
+    gated, plain = read.GatedLayerRNN(7, config).double(), read.LayerRNN(7, config).double()
+    plain.cell.load_state_dict(gated.cell.state_dict())
+    phi = torch.randn(4, 6, 7, dtype=torch.double)
+    assert torch.allclose(gated(phi), plain(phi), atol=1e-12)
+
+
+def test_gated_joiner_gradients_match_finite_differences():
+    torch.manual_seed(2)
+    net = read.GatedLayerRNN(4, read.Config(rnn="gru", hidden=3, joiner="gated")).double()
+    for p in net.parameters():  # leave the zero start, so every term of eq. (18) is exercised
+        torch.nn.init.normal_(p, std=0.5)
+    phi = torch.randn(3, 2, 4, dtype=torch.double)
+    context = torch.randn(3, 2, 4, dtype=torch.double, requires_grad=True)
+    params = list(net.parameters())
+
+    def f(context, *weights):
+        return torch.func.functional_call(net, dict(zip(dict(net.named_parameters()), weights, strict=True)),
+                                          (phi, context))
+
+    assert torch.autograd.gradcheck(f, (context, *params))
+
+
+def test_gated_parameter_count_by_formula():
+    d, h = 384, 16
+    model = methods.build("read", backbones.load("minilm"), 2, {"joiner": "gated", "hidden": h})
+    gru = 3 * (h * d + h * h + 2 * h)
+    gate = d * d + d
+    ffn = (h * h + h) + (h * d + d)
+    w_o, head = h * d, d * 2 + 2
+    assert methods.count_parameters(model)[0] == gru + gate + ffn + w_o + head == 180_850
+
+
+def test_gated_joiner_trains_only_side_parameters():
+    bb = backbones.load("random-t5-tiny")
+    model = methods.build("read", bb, 2, {"joiner": "gated", "hidden": 16})
+    ids, mask, dec = joiner_t5_batch()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(5):  # zero starts: each step lets gradients reach one more level of the joiners
+        opt.zero_grad()
+        model(ids, mask, dec).logsumexp(-1).sum().backward()
+        opt.step()
+    moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert not any(n.startswith("frozen.") for n, p in model.named_parameters() if p.grad is not None)
+    assert {"encoder_rnn.gate.weight", "decoder_rnn.ffn.2.weight", "psi.2.weight", "up.weight"} <= moved
+
+
+def test_unknown_joiner():
+    with pytest.raises(ConfigError, match="read.joiner must be one of: paper, gated; got 'attention'"):
+        methods.make_config("read", {"joiner": "attention"})
+
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "A considerably longer sentence, so that the other two in this batch need padding.",
+    "Short one.",
+]
+
+
+def encode(backbone, texts=TEXTS):
+    enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def t5_tiny():
+    return backbones.load("random-t5-tiny", formulation="classification")
+
+
+def grads_set(model):
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def read_trainable(cell, d, hidden, num_labels):
+    w_o = hidden * d  # W_o: H -> d, no bias
+    head = d * num_labels + num_labels
+    return rnn_params(cell, d, hidden) + w_o + head
+
+
+def test_make_config_rnn_lists_cells():
+    with pytest.raises(ConfigError, match="rnn, lstm, gru"):
+        methods.make_config("read", {"rnn": "transformer"})
+
+
+def test_make_config_rejects_non_integer_hidden():
+    with pytest.raises(ConfigError, match="2.5"):
+        methods.make_config("read", {"hidden": 2.5})
+
+
+def test_read_gradients_only_in_side_network_and_head(minilm):
+    model = methods.build("read", minilm, 2).train()
+    model(**encode(minilm)).sum().backward()
+    names = [n for n, _ in model.named_parameters()]
+    expected = {n for n in names if n.startswith(("side.", "head."))}
+    assert grads_set(model) == expected
+    assert len(expected) >= 5  # W_ih, W_hh, b_ih, b_hh, W_o, head weight and bias
+    assert all(p.grad is None and not p.requires_grad for p in minilm.model.parameters())
+    assert all(n.startswith(("side.", "head.", "frozen.")) for n in names)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("hidden, num_labels", [(8, 1), (16, 3)])
+def test_read_trainable_count_formula(cell, hidden, num_labels):
+    bb = t5_tiny()
+    model = methods.build("read", bb, num_labels, {"rnn": cell, "hidden": hidden})
+    trainable, total = methods.count_parameters(model)
+    assert trainable == read_trainable(cell, 64, hidden, num_labels)
+    assert total == trainable + sum(p.numel() for p in bb.model.parameters())
+
+
+def test_read_count_minilm(minilm):
+    # GRU/256 on d = 384, 2 labels: 3(256*384 + 256*256 + 512) + 256*384 + 384*2 + 2 = 592,130
+    model = methods.build("read", minilm, 2)
+    assert methods.count_parameters(model) == (592_130, 592_130 + 22_565_376)
+    assert read_trainable("gru", 384, 256, 2) == 592_130
+
+
+def test_read_encoder_count_does_not_grow_with_depth():
+    # one RNN shared across layers (Section 2.1): the layer count changes nothing
+    counts = {n: methods.count_parameters(methods.build(
+        "read", backbones.load(f"random-t5-tiny:num_layers={n}", formulation="classification"), 2))[0] for n in (2, 6)}
+    assert counts[2] == counts[6] == read_trainable("gru", 64, 256, 2)
+
+
+def test_read_t5_base_count_matches_table4():
+    # GRU/256 on T5-base (d = 768): 3(256*768 + 256*256 + 2*256) + 256*768 = 787,968 + 196,608
+    side = read.READSideNetwork(768, read.Config(rnn="gru", hidden=256))
+    n = sum(p.numel() for p in side.parameters())
+    assert n == rnn_params("gru", 768, 256) + 256 * 768 == 984_576
+    assert 2 * n == 1_969_152  # encoder + decoder side networks
+    assert round(2 * n / 1e6, 2) == 1.97  # READ's "1.97M" trainable parameters, Table 4
+
+
+# ---------------------------------------------------------------- READ semantics
+
+
+def test_read_starts_at_the_frozen_backbone(minilm):
+    # W_o = 0 at initialisation: φ_N' = φ_N, so READ's logits are the head on the frozen output
+    model = methods.build("read", minilm, 3).eval()
+    batch = encode(minilm)
+    expected = model.head(minilm.last_hidden_state(**batch), batch["attention_mask"])
+    logits = model(**batch)
+    assert logits.shape == (3, 3)
+    assert torch.equal(logits, expected)
+    phi = model.features(**batch)
+    assert torch.equal(model.side(phi), torch.zeros(phi.shape[1], 384))
+
+
+def test_read_features_are_phi_1_to_N_of_real_tokens(minilm):
+    model = methods.build("read", minilm, 2)
+    batch = encode(minilm)
+    phi = model.features(**batch)
+    mask = batch["attention_mask"].bool()
+    states = minilm.hidden_states(**batch)
+    assert phi.shape == (6, int(mask.sum()), 384)  # N = 6 layers, no embeddings (φ_0), no padding
+    assert not phi.requires_grad
+    for i in range(6):
+        torch.testing.assert_close(phi[i], states[i + 1][mask], rtol=0, atol=1e-6)
+
+
+def test_read_encoder_backbone_stays_in_eval_mode(minilm):
+    model = methods.build("read", minilm, 2, {"dropout": 0.0}).train()
+    assert model.training and model.head.training and model.side.training
+    assert not any(m.training for m in minilm.model.modules())
+    # MiniLM has dropout 0.1 inside; in eval mode two training-mode forwards agree exactly
+    randomize(model.side)
+    batch = encode(minilm)
+    assert torch.equal(model(**batch), model(**batch))
+
+
+def cell_weights(side):
+    """(W_ih, W_hh, b_ih, b_hh) of the side network's cell, whatever the submodule is called."""
+    params = dict(side.named_parameters())
+    return [next(v for k, v in params.items() if k.endswith(suffix) or f"{suffix}_l0" in k)
+            for suffix in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+
+def hand_cell(kind, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One step of N^E written out (PyTorch's gate order)."""
+    gi, gh = x @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+    if kind == "rnn":
+        return torch.tanh(gi + gh), c
+    if kind == "gru":
+        (i_r, i_z, i_n), (h_r, h_z, h_n) = gi.chunk(3, -1), gh.chunk(3, -1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * h, c
+    i, f, g, o = (gi + gh).chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_side_network_is_algorithm_1(kind):
+    # h_0 = 0; h_i = N^E(φ_i, h_{i-1}) for i = 1..N; correction = W_o h_N
+    torch.manual_seed(0)
+    d, hidden, layers, tokens = 5, 3, 4, 7
+    side = read.READSideNetwork(d, read.Config(rnn=kind, hidden=hidden)).double()
+    randomize(side)
+    phi = torch.randn(layers, tokens, d, dtype=torch.float64)
+    h = c = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for i in range(layers):
+        h, c = hand_cell(kind, phi[i], h, c, *cell_weights(side))
+    w_o = side.up.weight  # [d, hidden]
+    torch.testing.assert_close(side(phi), h @ w_o.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("phi_needs_grad", [True, False])
+def test_side_network_gradcheck(kind, phi_needs_grad):
+    # analytic gradients against central finite differences, float64, tiny dims
+    torch.manual_seed(0)
+    side = read.READSideNetwork(4, read.Config(rnn=kind, hidden=3)).double()
+    randomize(side, std=0.5)
+    names = [n for n, _ in side.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in side.parameters()]
+    phi = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=phi_needs_grad)
+
+    def f(phi, *weights):
+        return torch.func.functional_call(side, dict(zip(names, weights, strict=True)), (phi,))
+
+    assert torch.autograd.gradcheck(f, (phi, *params), eps=1e-6, atol=1e-7)
+
+
+def test_read_is_invariant_to_padding(minilm):
+    model = methods.build("read", minilm, 2).eval()
+    randomize(model.side)
+    alone = model(**encode(minilm, TEXTS[:1]))
+    padded = model(**encode(minilm, TEXTS[:2]))  # row 0 is padded to the longer sentence
+    assert encode(minilm, TEXTS[:2])["attention_mask"][0].eq(0).sum() >= 10
+    torch.testing.assert_close(padded[:1], alone, rtol=0, atol=1e-5)
+    assert (padded[0] - padded[1]).abs().max() > 1e-3  # the rows themselves differ
+
+
+def test_read_is_invariant_to_padding_t5():
+    bb = t5_tiny()
+    model = methods.build("read", bb, 3).eval()
+    randomize(model.side)
+    alone = model(**encode(bb, TEXTS[2:]))
+    padded = model(**encode(bb, TEXTS[1:]))
+    torch.testing.assert_close(padded[1:], alone, rtol=0, atol=1e-5)
+
+
+def test_read_side_network_changes_logits(minilm):
+    model = methods.build("read", minilm, 2).eval()
+    batch = encode(minilm)
+    before = model(**batch)
+    randomize(model.side)
+    assert (model(**batch) - before).abs().max() > 1e-3
+
+
+def saved(fn, model=None) -> int:
+    with SavedTensorMeter(model) as meter:
+        fn()
+    return meter.bytes
+
+
+# ---------------------------------------------------------------- READ vs full
+
+
+def encode_texts(backbone, texts, max_length=48):
+    enc = backbone.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def read_bytes_by_hand(layers, tokens, d, hidden, width, batch, length):
+    """Activation bytes READ keeps in eval mode, term by term (float32 unless noted).
+
+    tokens: real tokens in the batch; length: padded length; width: cell state (2*hidden for LSTM).
+    """
+    phi = layers * tokens * d * F32  # the stacked φ_1..φ_N, the recurrence's input
+    states = (layers + 1) * tokens * width * F32  # s_0..s_N; gates are recomputed in backward
+    h_last = tokens * hidden * F32  # W_o's input h_N
+    head = (batch * length * F32  # the float mask in (hidden * mask)
+            + batch * F32  # the token counts dividing the pooled sum
+            + batch * d * F32  # the linear layer's input (pooled states)
+            + batch * length)  # the bool mask indexing the corrected states (1 byte each)
+    return phi + states + h_last + head
+
+
+@pytest.fixture(scope="module")
+def minilm_batch(minilm):
+    texts = ["The cat sat on the mat. " * 3,
+             "A considerably longer sentence, so that the other one in this batch needs padding. " * 2]
+    return encode_texts(minilm, texts)
+
+
+def test_read_bytes_on_minilm_by_hand(minilm, minilm_batch):
+    read = methods.build("read", minilm, 2).eval()
+    b, length = minilm_batch["input_ids"].shape
+    tokens = int(minilm_batch["attention_mask"].sum())
+    assert (b, length, tokens) == (2, 36, 59)
+    # φ: 6*59*384*4 = 543,744; s_0..s_6: 7*59*256*4 = 422,912; h_N: 59*256*4 = 60,416;
+    # head: 2*36*4 + 2*4 + 2*384*4 + 2*36 = 3,440
+    assert read_bytes_by_hand(6, tokens, 384, 256, 256, b, length) == 1_030_512
+    assert saved(lambda: read(**minilm_batch), read) == 1_030_512
+
+
+def test_read_keeps_far_less_than_full_on_minilm(minilm, minilm_batch):
+    read = methods.build("read", minilm, 2).eval()
+    full = methods.build("full", dataclasses.replace(minilm, model=copy.deepcopy(minilm.model)), 2).eval()
+    read_b = saved(lambda: read(**minilm_batch), read)
+    full_b = saved(lambda: full(**minilm_batch), full)
+    assert read_b / full_b < 0.2  # the target bench/methods.py states
+
+
+@pytest.mark.parametrize("cell, width", [("gru", 16), ("rnn", 16), ("lstm", 32)])
+def test_read_bytes_do_not_depend_on_backbone_activations(cell, width):
+    # same batch through a 2-layer and a 6-layer random T5: 19 real tokens of d = 64
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (2, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # 12 + 7 = 19 real tokens
+    read_b, full_b = {}, {}
+    for layers in (2, 6):
+        bb = backbones.load(f"random-t5-tiny:num_layers={layers}", formulation="classification")
+        read = methods.build("read", bb, 2, {"rnn": cell, "hidden": 16}).eval()
+        read_b[layers] = saved(lambda: read(ids, mask), read)  # noqa: B023
+        assert read_b[layers] == read_bytes_by_hand(layers, 19, 64, 16, width, 2, 12)
+        full = methods.build("full", bb, 2).eval()
+        full_b[layers] = saved(lambda: full(ids, mask), full)  # noqa: B023
+    # 4 more layers add exactly 4 φ_i and 4 states s_i per token: 4 * 19 * (64 + width) * 4 bytes
+    assert read_b[6] - read_b[2] == 4 * 19 * (64 + width) * F32
+    # full fine-tuning keeps every layer's activations: its bytes grow almost with depth
+    assert full_b[6] >= 2.5 * full_b[2]
+    per_layer_read, per_layer_full = (read_b[6] - read_b[2]) / 4, (full_b[6] - full_b[2]) / 4
+    assert per_layer_read < 0.15 * per_layer_full

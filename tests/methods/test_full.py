@@ -1,0 +1,75 @@
+"""Full fine-tuning (readlib.methods.full): every backbone parameter trains, on both formulations."""
+
+import torch
+from helpers import own_copy
+
+from readlib import backbones, methods
+
+
+def load_t5(name="random-t5-tiny", seed=0):
+    return backbones.load(name, seed=seed)  # T5ForConditionalGeneration (text-to-text is T5's default)
+
+
+def seq2seq_batch(vocab_lo=1000, vocab_hi=2000):
+    """Two source rows of 7 tokens, the second padded after 4 (11 real tokens), and 3 decoder inputs."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab_lo, vocab_hi, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    ids[1, 4:] = 0  # the pad id
+    dec = torch.randint(vocab_lo, vocab_hi, (2, 3), generator=gen)
+    dec[:, 0] = 0  # T5's decoder start is the pad id
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+
+
+def test_full_seq2seq_trains_every_t5_parameter():
+    bb = load_t5()
+    model = methods.build("full", bb, 2)
+    inputs = seq2seq_batch()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**inputs), bb.model(**inputs).logits)
+    model(**inputs).square().mean().backward()
+    params = list(model.parameters())
+    assert params and all(p.requires_grad for p in params)
+    assert all(p.grad is not None for p in params)
+    assert methods.count_parameters(model)[0] == sum(p.numel() for p in bb.model.parameters())
+
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "A considerably longer sentence, so that the other two in this batch need padding.",
+    "Short one.",
+]
+
+
+def encode(backbone, texts=TEXTS):
+    enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def t5_tiny():
+    return backbones.load("random-t5-tiny", formulation="classification")
+
+
+def grads_set(model):
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_full_gradients_reach_every_t5_parameter():
+    bb = t5_tiny()
+    model = methods.build("full", bb, 2)
+    model(**encode(bb)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_full_minilm_trains_only_parameters_that_get_gradients(minilm):
+    model = methods.build("full", own_copy(minilm), 2)
+    model(**encode(minilm)).sum().backward()
+    assert grads_set(model) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_full_count_is_total():
+    bb = t5_tiny()
+    backbone_params = sum(p.numel() for p in bb.model.parameters())
+    model = methods.build("full", bb, 3)
+    assert methods.count_parameters(model) == (backbone_params + 64 * 3 + 3,) * 2
