@@ -57,22 +57,12 @@ class HiddenStateCache:
         self.nbytes = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
         self.path = path
         self.complete = path is not None and (path / "complete").exists()
+        if not self.complete:
+            check_fits(self.nbytes, "memory" if path is None else "disk", path)
         if path is None:
-            if self.nbytes > 0.8 * available_memory() > 0:
-                raise ConfigError(
-                    f"hidden-state cache needs {self.nbytes / 2**30:.2f} GiB but only "
-                    f"{available_memory() / 2**30:.2f} GiB of memory is available; use cache=disk, "
-                    "cache_dtype=float16, a smaller max_train, or cache=off"
-                )
             self.states = np.empty(shape, dtype=DTYPES[dtype])
             return
         path.mkdir(parents=True, exist_ok=True)
-        if not self.complete and self.nbytes > shutil.disk_usage(path).free:
-            raise ConfigError(
-                f"hidden-state cache needs {self.nbytes / 2**30:.2f} GiB on disk at {path} but only "
-                f"{shutil.disk_usage(path).free / 2**30:.2f} GiB is free; use cache_dtype=float16, "
-                "a smaller max_train, or cache=off"
-            )
         if self.complete:
             self.states = np.lib.format.open_memmap(path / "states.npy", mode="r")
             if self.states.shape == shape and self.states.dtype == DTYPES[dtype]:
@@ -102,18 +92,16 @@ class HiddenStateCache:
             self.complete = True
 
 
-def check_fits(nbytes: int, mode: str, path: Path) -> None:
-    """Raise ConfigError before any work when ``nbytes`` of caches will not fit in memory or on disk."""
+def check_fits(nbytes: int, mode: str, path: Path | None) -> None:
+    """Raise ConfigError before any work when ``nbytes`` of cache will not fit in memory (80 % of what is
+    available) or on disk at ``path``."""
+    need = f"hidden-state cache needs {nbytes / 2**30:.2f} GiB"
     if mode == "memory" and nbytes > 0.8 * available_memory() > 0:
-        where, free = "memory", available_memory()
-    elif mode == "disk" and nbytes > shutil.disk_usage(_existing(path)).free:
-        where, free = f"disk at {path}", shutil.disk_usage(_existing(path)).free
-    else:
-        return
-    raise ConfigError(
-        f"hidden-state caches need {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB of {where} is "
-        "available; use cache=disk, cache_dtype=float16, a smaller max_train, or cache=off"
-    )
+        raise ConfigError(f"{need} but only {available_memory() / 2**30:.2f} GiB of memory is available; use "
+                          "cache=disk, cache_dtype=float16, a smaller max_train, or cache=off")
+    if mode == "disk" and nbytes > (free := shutil.disk_usage(_existing(path)).free):
+        raise ConfigError(f"{need} on disk at {path} but only {free / 2**30:.2f} GiB is free; use "
+                          "cache_dtype=float16, a smaller max_train, or cache=off")
 
 
 def _existing(path: Path) -> Path:

@@ -147,11 +147,5 @@ def make_params(profile: str = "default", **overrides: Any) -> RunParams:
         elif value is not None:
             method_args[key] = value
     method = values.get("method", RunParams.method)
-    allowed = [f.name for f in dataclasses.fields(methods.get_method(method).config)]
-    for key in method_args:
-        if key not in allowed:
-            raise ConfigError(
-                f"unknown parameter '{key}'; run parameters: {', '.join(n for n in FIELDS if n != 'method_args')}; "
-                f"'{method}' parameters: {', '.join(allowed) or 'none'}"
-            )
+    methods.make_config(method, method_args, run_parameters=tuple(n for n in FIELDS if n != "method_args"))
     return RunParams(**values, profile=profile, method_args=method_args).validate()

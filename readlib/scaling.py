@@ -23,7 +23,6 @@ from readlib import backbones, costs, methods, paper
 from readlib.methods import selective
 from readlib.train import task_loss
 
-GIB = 2**30
 MASK_HELPERS = ("_ignore_bidirectional_mask_sdpa", "_ignore_causal_mask_sdpa")  # transformers.masking_utils
 
 
@@ -175,13 +174,14 @@ def training_memory_by_size(sizes: list[str], names: list[str], batch: int, seq:
         for name in names:
             computed = computed_training_memory(name, backbone, batch, seq, target)
             rows.append({"backbone": size, "method": name, "source": "computed (meta)",
-                         **{k: v / GIB for k, v in computed["accounted"].items()},
-                         "total_GiB": computed["accounted_total"] / GIB})
+                         **{k: costs.in_unit(v, "GiB") for k, v in computed["accounted"].items()},
+                         "total_GiB": costs.in_unit(computed["accounted_total"], "GiB")})
     for size in measure:
         for name in names:
             parts = measured_training_memory(name, f"random-t5-{size}", batch, seq, target)
             rows.append({"backbone": size, "method": name, "source": "measured (CPU)",
-                         **{k: v / GIB for k, v in parts.items()}, "total_GiB": sum(parts.values()) / GIB})
+                         **{k: costs.in_unit(v, "GiB") for k, v in parts.items()},
+                         "total_GiB": costs.in_unit(sum(parts.values()), "GiB")})
     return pd.DataFrame(rows)
 
 
@@ -224,7 +224,7 @@ def inference_memory_by_size(sizes: list[str], seq: int, target: int) -> pd.Data
         for name, paper_gb in paper.READ_TABLE2_GB.items():
             peak = computed_phase_memory(name, backbone, 1, seq, target)["cumulative"]["forward_no_grad"]
             known = size in paper.TABLE2_SIZES
-            rows.append({"backbone": size, "method": name, "inference_GB": peak / 1e9,
+            rows.append({"backbone": size, "method": name, "inference_GB": costs.in_unit(peak, "GB"),
                          "paper_GB": paper_gb[paper.TABLE2_SIZES.index(size)] if known else float("nan")})
     table = pd.DataFrame(rows)
     full = table[table.method == "full"].set_index("backbone")

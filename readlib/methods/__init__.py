@@ -60,14 +60,20 @@ def coerce(label: str, value: Any, kind: type) -> Any:
     return value
 
 
-def make_config(name: str, args: dict[str, Any] | None = None):
-    """The method's Config from ``args`` (strings from the CLI are converted to the field's type)."""
+def make_config(name: str, args: dict[str, Any] | None = None, run_parameters: tuple[str, ...] = ()):
+    """The method's Config from ``args`` (strings from the CLI are converted to the field's type).
+
+    ``run_parameters``: where ``args`` came mixed with run parameters (a profile plus overrides), an unknown key's
+    error lists both kinds."""
     config_cls = get_method(name).config
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     values = {}
     for key, value in (args or {}).items():
         if key not in fields:
             allowed = ", ".join(fields) or "none"
+            if run_parameters:
+                raise ConfigError(f"unknown parameter '{key}'; run parameters: {', '.join(run_parameters)}; "
+                                  f"'{name}' parameters: {allowed}")
             raise ConfigError(f"unknown hyperparameter '{key}' for method '{name}'; allowed: {allowed}")
         values[key] = coerce(f"{name}.{key}", value, type(fields[key].default))
     config = config_cls(**values)

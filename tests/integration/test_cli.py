@@ -22,41 +22,13 @@ def cli(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, 
     return proc, time.monotonic() - start
 
 
-@pytest.mark.parametrize("args, needles", [
-    pytest.param(["--task", "xyz"], ["'xyz'", "cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb"], id="task"),
-    pytest.param(["--task", "rte", "--method", "lora-ish"], ["'lora-ish'", "full", "read"], id="method"),
-    pytest.param(["--task", "rte", "--lr", "-1"], ["lr must be in (0, 1)", "got -1.0"], id="lr"),
-    pytest.param(["--task", "rte", "--epochs", "0"], ["max_epochs must be >= 1", "got 0"], id="epochs"),
-    pytest.param(["--task", "rte", "--foo", "3"],
-                 ["'foo'", "run parameters: task, method", "'read' parameters: rnn, hidden, dropout"], id="foo"),
-    pytest.param(["--task", "rte", "--hidden", "abc"], ["read.hidden", "'abc'"], id="hidden"),
-    pytest.param(["--task", "rte", "--rnn=transformer"], ["'transformer'", "rnn, lstm, gru"], id="rnn"),
-    pytest.param(["--task", "rte", "--backbone", "random-t5-tiny:num_layers=0"],
-                 ["'num_layers=0'", "d_model, num_layers"], id="backbone"),
-])
-def test_bad_input_exits_2_fast_with_one_line(args, needles):
-    proc, seconds = cli("train", *args)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("readlib: error: ")
-    for needle in needles:
-        assert needle in lines[0]
-    assert proc.stdout == ""
+def test_bad_input_exits_2_fast_with_one_line_in_a_fresh_process():
+    # every case of bad input is in tests/test_main.py, in process; here the whole program, timed
+    proc, seconds = cli("train", "--task", "xyz")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["readlib: error: unknown task 'xyz'; choose one of: cola, mnli, mrpc, "
+                                                "qnli, qqp, rte, sst2, stsb"]
     assert seconds < 20 and "Loading weights" not in proc.stderr  # no model was loaded
-
-
-def test_unparsable_number_is_one_line():
-    proc, _ = cli("train", "--task", "rte", "--lr", "abc")
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("args", [[], ["fit"]])
-def test_unknown_command(args):
-    proc, _ = cli(*args)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "usage: python -m readlib {train,worker,splits} [options]"
 
 
 def test_quick_train_run():
@@ -79,20 +51,6 @@ def test_splits_table():
     qnli = lines[3].split()
     assert qnli[1:4] == ["103743", "1000", "5463"]  # the Section 3.2 recipe
     assert "False" in qnli  # Table 5 took QNLI's train differently
-
-
-@pytest.mark.parametrize("args, needles", [
-    pytest.param(["--method", "read"], ["worker needs --task"], id="no-task"),
-    pytest.param(["--task", "qqq"], ["unknown task 'qqq'"], id="task"),
-    pytest.param(["--task", "rte", "--method", "read,nope"], ["unknown method 'nope'"], id="method"),
-    pytest.param(["--task", "rte", "--method", "read,lora", "--rank", "8"], ["need a single --method"], id="args"),
-    pytest.param(["--task", "rte", "--lr_rounds", "0"], ["lr_rounds must be >= 1"], id="rounds"),
-    pytest.param(["--task", "rte", "--method", "read", "--heartbeat", "0"], ["heartbeat must be >= 1"], id="heartbeat"),
-])
-def test_worker_bad_input_is_one_line_before_any_model(args, needles):
-    proc, _ = cli("worker", *args)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert all(n in proc.stderr for n in needles), proc.stderr
 
 
 def test_data_parallel_run_under_torchrun_matches_one_process():
@@ -122,15 +80,3 @@ def test_cli_text_to_text_run():
         "rte", "read", "random-t5-tiny", "ok")
     assert record["data"]["sizes_used"] == {"train": 16, "validation": 8, "test": 8}
     assert record["epochs_run"] == 1 and record["trainable_params"] == 527_360
-
-
-def test_cli_text_to_text_needs_a_t5():
-    proc, seconds = cli("train", "--task", "rte", "--backbone", "minilm", "--formulation", "text-to-text",
-                        "--profile", "quick")
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("readlib: error: ") and "text-to-text needs a T5 backbone" in lines[0]
-    assert "'minilm'" in lines[0]
-    assert proc.stdout == ""
-    assert "Loading weights" not in proc.stderr and seconds < 60  # no model was loaded
