@@ -33,11 +33,15 @@ reproduce: setup
 		esac; \
 	done
 
-# each stage prints its wall time; nbval's default cell limit (2000 s) is too short for a slow shared CPU
+# Each stage prints its wall time. Tests and notebooks run in TEST_WORKERS processes (pytest-xdist, a file per
+# process at a time), each on one thread: on 2 cores that halves the wall time, and single-threaded kernels do
+# not spin-wait on each other. nbval's default cell limit (2000 s) is too short for a slow shared CPU.
+TEST_WORKERS ?= 2
 test: setup
-	@start=$$(date +%s); $(BIN)/python -m pytest tests; rc=$$?; \
+	@start=$$(date +%s); $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; \
 		echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$rc
-	@start=$$(date +%s); $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout 7200 notebooks; rc=$$?; \
+	@start=$$(date +%s); OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile \
+		--nbval-lax --nbval-cell-timeout 7200 notebooks; rc=$$?; \
 		echo "make test: nbval (notebooks) took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 lint: setup
