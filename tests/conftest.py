@@ -16,3 +16,9 @@ def minilm():
     (full fine-tuning switches requires_grad on in the backbone it is given).
     """
     return backbones.load("minilm")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The word-piece tokenizer the random T5s use (no T5 tokenizer is reachable offline)."""
+    return backbones.load("random-t5-tiny").tokenizer

@@ -1,6 +1,15 @@
 """Small helpers shared by several test modules."""
 
+import os
+
+import datasets
+import optuna
 import torch
+
+from readlib import backbones, sweep
+from readlib.costs import SavedTensorMeter
+from readlib.params import make_params
+from readlib.train import fit
 
 
 def randomize(module, std=0.1, seed=0):
@@ -59,3 +68,105 @@ def t5_batch(seed=0):
     labels = torch.randint(5, 1000, (3, 4), generator=gen)
     decoder_input_ids = torch.cat([torch.zeros(3, 1, dtype=torch.long), labels[:, :-1]], 1)
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_input_ids}, labels
+
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+TINY = {"max_train": 16, "max_eval": 8, "max_epochs": 1}
+
+
+def spec(**changes):
+    values = dict(task="rte", method="bitfit", profile="quick", overrides=dict(TINY), lr_rounds=3, seeds=2)
+    return sweep.SweepSpec(**(values | changes))
+
+
+def trials(url, name):
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
+
+
+def encode(backbone):
+    enc = backbone.tokenizer(TEXTS, PAIRS, padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+PAIRS = ["It sat.", "The sentence is long.", "Yes."]
+
+
+PAIR_TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
+
+
+def encode_pairs(backbone):
+    enc = backbone.tokenizer(PAIR_TEXTS, PAIRS, padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+VOCAB = backbones.T5_VOCAB
+
+
+def t5_text():
+    return backbones.load("random-t5-tiny")
+
+
+def grads_set(model):
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_t5(name="random-t5-tiny", seed=0):
+    return backbones.load(name, seed=seed)  # T5ForConditionalGeneration (text-to-text is T5's default)
+
+
+def seq2seq_batch(vocab_lo=1000, vocab_hi=2000):
+    """Two source rows of 7 tokens, the second padded after 4 (11 real tokens), and 3 decoder inputs."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab_lo, vocab_hi, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    ids[1, 4:] = 0  # the pad id
+    dec = torch.randint(vocab_lo, vocab_hi, (2, 3), generator=gen)
+    dec[:, 0] = 0  # T5's decoder start is the pad id
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+
+
+def t5_tiny():
+    return backbones.load("random-t5-tiny", formulation="classification")
+
+
+F32 = 4  # bytes per float32
+
+
+def saved(fn, model=None) -> int:
+    with SavedTensorMeter(model) as meter:
+        fn()
+    return meter.bytes
+
+
+CPU = torch.device("cpu")
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def rte_rows():
+    return datasets.Dataset.from_dict({
+        "sentence1": ["A cat sat.", "It rained all day long in the city."],
+        "sentence2": ["A cat is sitting.", "The sun shone."],
+        "label": [0, 1],  # entailment, not_entailment
+        "idx": [0, 1],
+    })
+
+
+SMALL = dict(task="rte", method="read", backbone="minilm", max_train=64, max_eval=32, max_epochs=2,
+             batch_size=16, micro_batch_size=8, max_length=32)
+
+
+def run(on_epoch=None, **overrides):
+    return fit(make_params("quick", **(SMALL | overrides)), progress=False, on_epoch=on_epoch)

@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from helpers import CPU
 
 import readlib.cache
 import readlib.paths
@@ -14,9 +15,6 @@ from readlib import backbones, data, methods
 from readlib.cache import HiddenStateCache, build, cache_key
 from readlib.data import Encoded
 from readlib.errors import ConfigError
-
-CPU = torch.device("cpu")
-
 
 LENGTHS = [3, 1, 4, 1, 5, 9, 2, 6]  # tokens per example; 31 in all
 

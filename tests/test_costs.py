@@ -6,19 +6,11 @@ import types
 
 import pytest
 import torch
+from helpers import F32, saved
 from torch import nn
 
 from readlib import costs, methods
 from readlib.costs import SavedTensorMeter, parameter_bytes
-
-F32 = 4  # bytes per float32
-
-
-def saved(fn, model=None) -> int:
-    with SavedTensorMeter(model) as meter:
-        fn()
-    return meter.bytes
-
 
 # ---------------------------------------------------------------- hand-built graphs
 

@@ -8,8 +8,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import ids_of, rte_rows
 
-from readlib import backbones, data
+from readlib import data
 from readlib.data import Encoded
 from readlib.errors import ConfigError, DataNotFoundError
 from readlib.train import parse_generated
@@ -228,15 +229,6 @@ CLASS_NAMES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return backbones.load("random-t5-tiny").tokenizer
-
-
-def ids_of(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 # ---------------------------------------------------------------- source and target strings
 
 
@@ -339,15 +331,6 @@ def test_t5_label_nan_is_no_valid_stsb_target(tokenizer):
 
 
 # ---------------------------------------------------------------- Encoded in text-to-text mode
-
-
-def rte_rows():
-    return datasets.Dataset.from_dict({
-        "sentence1": ["A cat sat.", "It rained all day long in the city."],
-        "sentence2": ["A cat is sitting.", "The sun shone."],
-        "label": [0, 1],  # entailment, not_entailment
-        "idx": [0, 1],
-    })
 
 
 def test_encoded_text_to_text_sources_and_targets(tokenizer):

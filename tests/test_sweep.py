@@ -7,24 +7,13 @@ end to end through ``readlib.train.fit``.
 
 import dataclasses
 
-import optuna
 import pytest
+from helpers import TINY, spec, trials
 from optuna.trial import TrialState
 
 from readlib import backbones, sweep
 from readlib.errors import ConfigError, DataNotFoundError
 from readlib.params import RunParams
-
-TINY = {"max_train": 16, "max_eval": 8, "max_epochs": 1}
-
-
-def spec(**changes):
-    values = dict(task="rte", method="bitfit", profile="quick", overrides=dict(TINY), lr_rounds=3, seeds=2)
-    return sweep.SweepSpec(**(values | changes))
-
-
-def trials(url, name):
-    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
 
 
 def test_study_name_changes_with_what_changes_results_only():

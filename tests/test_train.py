@@ -4,9 +4,9 @@ import math
 import types
 from pathlib import Path
 
-import datasets
 import pytest
 import torch
+from helpers import CPU, ids_of, rte_rows
 
 import readlib.cache
 import readlib.data
@@ -15,31 +15,13 @@ import readlib.paths
 import readlib.train
 from readlib import backbones, data, methods, train
 from readlib.data import Encoded
-from readlib.params import RunParams, make_params
-from readlib.train import build_caches, fit, greedy_decode, parse_generated, predict, task_loss
+from readlib.params import RunParams
+from readlib.train import build_caches, greedy_decode, parse_generated, predict, task_loss
 
 SEP, PAD = 102, 0  # the bundled word-piece tokenizer's [SEP] (eos for random T5s) and [PAD]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return backbones.load("random-t5-tiny").tokenizer
-
-
-def ids_of(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 # ---------------------------------------------------------------- Encoded in text-to-text mode
-
-
-def rte_rows():
-    return datasets.Dataset.from_dict({
-        "sentence1": ["A cat sat.", "It rained all day long in the city."],
-        "sentence2": ["A cat is sitting.", "The sun shone."],
-        "label": [0, 1],  # entailment, not_entailment
-        "idx": [0, 1],
-    })
 
 
 def test_task_loss_on_3d_logits_ignores_minus_100():
@@ -138,12 +120,6 @@ def test_predict_decodes_as_many_steps_as_the_longest_target(tokenizer):
 
 
 # a tiny real run: 64 RTE pairs, 32 validation and 32 test pairs, 2 epochs of 4 steps of 2 micro-batches
-SMALL = dict(task="rte", method="read", backbone="minilm", max_train=64, max_eval=32, max_epochs=2,
-             batch_size=16, micro_batch_size=8, max_length=32)
-
-
-def run(on_epoch=None, **overrides):
-    return fit(make_params("quick", **(SMALL | overrides)), progress=False, on_epoch=on_epoch)
 
 
 def test_step_costs_flops_by_formula():
@@ -170,9 +146,6 @@ def test_step_costs_flops_by_formula():
     phases, weights = out["phases"], 4 * sum(p.numel() for p in model.parameters())
     assert phases["after"]["backward"] - phases["after"]["weights"] >= weights  # every weight has a gradient
     assert phases["after"]["optimizer"] - phases["after"]["backward"] == 2 * weights + 4 * len(list(model.parameters()))
-
-
-CPU = torch.device("cpu")
 
 
 class FakeTokenizer:

@@ -1,18 +1,15 @@
 """End to end: the command line in a fresh process (bad input exits 2 fast, real runs, torchrun)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import ENV
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def cli(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:

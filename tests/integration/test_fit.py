@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from helpers import run
 
 import readlib.data
 import readlib.methods
@@ -46,15 +47,9 @@ def test_short_text_to_text_run_lowers_the_training_loss(method, trainable):
 
 
 # a tiny real run: 64 RTE pairs, 32 validation and 32 test pairs, 2 epochs of 4 steps of 2 micro-batches
-SMALL = dict(task="rte", method="read", backbone="minilm", max_train=64, max_eval=32, max_epochs=2,
-             batch_size=16, micro_batch_size=8, max_length=32)
 
 
 VOLATILE = ("wall_time_s", "finished_at", "git_commit", "latency")  # git_commit: the tree may be edited meanwhile
-
-
-def run(on_epoch=None, **overrides):
-    return fit(make_params("quick", **(SMALL | overrides)), progress=False, on_epoch=on_epoch)
 
 
 def stable(record: dict) -> dict:

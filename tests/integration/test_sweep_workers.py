@@ -7,24 +7,8 @@ import subprocess
 import sys
 import time
 
-import optuna
+from helpers import ENV, TINY, spec, trials
 from optuna.trial import TrialState
-
-from readlib import sweep
-
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-
-
-TINY = {"max_train": 16, "max_eval": 8, "max_epochs": 1}
-
-
-def spec(**changes):
-    values = dict(task="rte", method="bitfit", profile="quick", overrides=dict(TINY), lr_rounds=3, seeds=2)
-    return sweep.SweepSpec(**(values | changes))
-
-
-def trials(url, name):
-    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
 
 
 def worker_cmd(url, rounds, seeds, epochs=1):

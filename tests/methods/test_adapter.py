@@ -8,7 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_restores, own_copy, randomize, t5_batch, train_steps
+from helpers import (
+    VOCAB,
+    assert_restores,
+    encode,
+    grads_set,
+    own_copy,
+    randomize,
+    t5_batch,
+    t5_text,
+    train_steps,
+    trainable_names,
+)
 from torch.nn import functional as F
 
 from readlib import backbones, methods
@@ -16,15 +27,6 @@ from readlib.errors import ConfigError
 from readlib.methods import adapter
 from readlib.params import make_params
 from readlib.train import fit
-
-TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
-
-
-PAIRS = ["It sat.", "The sentence is long.", "Yes."]
-
-
-VOCAB = backbones.T5_VOCAB
-
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "adapter_reference.pt"
 
@@ -36,17 +38,8 @@ D, LAYERS = 384, 6
 T5_D, T5_LAYERS = 64, 2
 
 
-def t5_text():
-    return backbones.load("random-t5-tiny")
-
-
 def t5_encoder():
     return backbones.load("random-t5-tiny", formulation="classification")
-
-
-def encode(backbone):
-    enc = backbone.tokenizer(TEXTS, PAIRS, padding=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def head(num_labels, d=D):
@@ -73,14 +66,6 @@ T5_TINY_LAYER_NORMS = (2 * T5_LAYERS + 1 + 3 * T5_LAYERS + 1) * T5_D  # RMS norm
 
 def adapters_of(model):
     return [m for m in model.modules() if isinstance(m, adapter.Adapter)]
-
-
-def trainable_names(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def grads_set(model):
-    return {n for n, p in model.named_parameters() if p.grad is not None}
 
 
 def sites(names):
@@ -377,8 +362,6 @@ def test_trainable_state_round_trip(minilm, tmp_path, path):
 
 
 # ---------------------------------------------------------------- training
-
-
 
 
 def test_short_training_lowers_the_loss_encoder(minilm):

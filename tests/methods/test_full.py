@@ -1,25 +1,9 @@
 """Full fine-tuning (readlib.methods.full): every backbone parameter trains, on both formulations."""
 
 import torch
-from helpers import own_copy
+from helpers import grads_set, load_t5, own_copy, seq2seq_batch, t5_tiny
 
-from readlib import backbones, methods
-
-
-def load_t5(name="random-t5-tiny", seed=0):
-    return backbones.load(name, seed=seed)  # T5ForConditionalGeneration (text-to-text is T5's default)
-
-
-def seq2seq_batch(vocab_lo=1000, vocab_hi=2000):
-    """Two source rows of 7 tokens, the second padded after 4 (11 real tokens), and 3 decoder inputs."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(vocab_lo, vocab_hi, (2, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
-    ids[1, 4:] = 0  # the pad id
-    dec = torch.randint(vocab_lo, vocab_hi, (2, 3), generator=gen)
-    dec[:, 0] = 0  # T5's decoder start is the pad id
-    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+from readlib import methods
 
 
 def test_full_seq2seq_trains_every_t5_parameter():
@@ -45,14 +29,6 @@ TEXTS = [
 def encode(backbone, texts=TEXTS):
     enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-
-
-def t5_tiny():
-    return backbones.load("random-t5-tiny", formulation="classification")
-
-
-def grads_set(model):
-    return {n for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_full_gradients_reach_every_t5_parameter():

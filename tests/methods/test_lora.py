@@ -2,16 +2,14 @@
 test_methods.py.
 """
 
-from readlib import backbones, methods
+from helpers import t5_text
+
+from readlib import methods
 from readlib.params import make_params
 from readlib.train import fit
 
 # MiniLM-L6: 6 layers, d = 384, FFN 1536. Tiny T5: 2 + 2 layers, d = 64, inner (heads * d_kv) = 64, FFN 128.
 D, FFN, LAYERS = 384, 1536, 6
-
-
-def t5_text():
-    return backbones.load("random-t5-tiny")
 
 
 def head(num_labels, d=D):

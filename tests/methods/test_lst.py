@@ -6,7 +6,7 @@ MiniLM is deep-copied per model (the session fixture stays untouched); the tiny 
 
 import pytest
 import torch
-from helpers import assert_restores, own_copy, randomize, t5_batch, train_steps
+from helpers import VOCAB, assert_restores, encode, own_copy, randomize, t5_batch, train_steps
 
 from readlib import backbones, methods
 from readlib.costs import SavedTensorMeter
@@ -15,25 +15,11 @@ from readlib.methods import lst
 from readlib.params import make_params
 from readlib.train import fit
 
-TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
-
-
-PAIRS = ["It sat.", "The sentence is long.", "Yes."]
-
-
-VOCAB = backbones.T5_VOCAB
-
-
 # MiniLM-L6: 6 layers, d = 384, FFN 1536, 12 heads. Tiny T5: 2 + 2 layers, d = 64, 4 heads of 16, FFN 128.
 D, FFN, LAYERS = 384, 1536, 6
 
 
 T5_D, T5_HEADS, T5_KV, T5_FFN, T5_LAYERS = 64, 4, 16, 128, 2
-
-
-def encode(backbone):
-    enc = backbone.tokenizer(TEXTS, PAIRS, padding=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def build(path, minilm, args=None, num_labels=2, seed=0):

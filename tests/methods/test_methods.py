@@ -11,7 +11,19 @@ import re
 
 import pytest
 import torch
-from helpers import assert_restores, own_copy, randomize, t5_batch, train_steps
+from helpers import (
+    VOCAB,
+    assert_restores,
+    encode_pairs,
+    grads_set,
+    own_copy,
+    randomize,
+    t5_batch,
+    t5_text,
+    t5_tiny,
+    train_steps,
+    trainable_names,
+)
 
 from readlib import backbones, methods
 from readlib.errors import ConfigError
@@ -20,29 +32,11 @@ from readlib.methods import read
 BASELINES = ["bitfit", "lora", "prompt"]
 
 
-PAIR_TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
-
-
-PAIRS = ["It sat.", "The sentence is long.", "Yes."]
-
-
-VOCAB = backbones.T5_VOCAB
-
-
 # MiniLM-L6: 6 layers, d = 384, FFN 1536. Tiny T5: 2 + 2 layers, d = 64, inner (heads * d_kv) = 64, FFN 128.
 D, FFN, LAYERS = 384, 1536, 6
 
 
 T5_D, T5_INNER, T5_FFN, T5_LAYERS = 64, 64, 128, 2
-
-
-def t5_text():
-    return backbones.load("random-t5-tiny")
-
-
-def encode_pairs(backbone):
-    enc = backbone.tokenizer(PAIR_TEXTS, PAIRS, padding=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def head(num_labels, d=D):
@@ -85,14 +79,6 @@ def intended(name, param_names, seq2seq):
     else:
         own = {"t5.prompt_encoder.default.embedding.weight"} if seq2seq else {"prompts"}
     return own | {n for n in param_names if n.startswith("head.")}
-
-
-def trainable_names(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def grads_set(model):
-    return {n for n, p in model.named_parameters() if p.grad is not None}
 
 
 # ---------------------------------------------------------------- shapes and gradients
@@ -231,8 +217,6 @@ def test_baseline_trainable_state_round_trip(minilm, tmp_path, name, path):
 # ---------------------------------------------------------------- training
 
 
-
-
 @pytest.mark.parametrize("name", BASELINES)
 def test_short_training_lowers_the_loss_encoder(minilm, name):
     torch.manual_seed(0)
@@ -301,10 +285,6 @@ GATES = {"rnn": 1, "gru": 3, "lstm": 4}  # weight blocks per cell: tanh RNN 1, G
 def encode(backbone, texts=TEXTS):
     enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-
-
-def t5_tiny():
-    return backbones.load("random-t5-tiny", formulation="classification")
 
 
 def rnn_params(cell, d, hidden):

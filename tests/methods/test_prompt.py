@@ -1,30 +1,15 @@
 """Prompt tuning (readlib.methods.prompt): what the encoder and T5 see. The shared matrix is in test_methods.py."""
 
 import torch
-from helpers import own_copy, t5_batch
+from helpers import encode_pairs, own_copy, t5_batch, t5_text
 
-from readlib import backbones, methods
-
-PAIR_TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
-
-
-PAIRS = ["It sat.", "The sentence is long.", "Yes."]
-
+from readlib import methods
 
 # MiniLM-L6: 6 layers, d = 384, FFN 1536. Tiny T5: 2 + 2 layers, d = 64, inner (heads * d_kv) = 64, FFN 128.
 D, FFN, LAYERS = 384, 1536, 6
 
 
 T5_D, T5_INNER, T5_FFN, T5_LAYERS = 64, 64, 128, 2
-
-
-def t5_text():
-    return backbones.load("random-t5-tiny")
-
-
-def encode_pairs(backbone):
-    enc = backbone.tokenizer(PAIR_TEXTS, PAIRS, padding=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 # ---------------------------------------------------------------- prompt tuning's inputs

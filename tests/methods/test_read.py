@@ -8,16 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import randomize
+from helpers import F32, grads_set, load_t5, randomize, saved, seq2seq_batch, t5_tiny
 from transformers import T5ForConditionalGeneration
 
 from readlib import backbones, methods
 from readlib.costs import SavedTensorMeter
 from readlib.errors import ConfigError
 from readlib.methods import read
-
-F32 = 4  # bytes per float32
-
 
 READ_PREFIXES = ("encoder_rnn.", "psi.", "decoder_rnn.", "up.")
 
@@ -31,22 +28,6 @@ READ_NAMES = {f"{rnn}.{w}" for rnn in ("encoder_rnn", "decoder_rnn") for w in CE
 
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-
-
-def load_t5(name="random-t5-tiny", seed=0):
-    return backbones.load(name, seed=seed)  # T5ForConditionalGeneration (text-to-text is T5's default)
-
-
-def seq2seq_batch(vocab_lo=1000, vocab_hi=2000):
-    """Two source rows of 7 tokens, the second padded after 4 (11 real tokens), and 3 decoder inputs."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(vocab_lo, vocab_hi, (2, 7), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
-    ids[1, 4:] = 0  # the pad id
-    dec = torch.randint(vocab_lo, vocab_hi, (2, 3), generator=gen)
-    dec[:, 0] = 0  # T5's decoder start is the pad id
-    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
 
 
 def read_modules(model):
@@ -464,14 +445,6 @@ def encode(backbone, texts=TEXTS):
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
 
-def t5_tiny():
-    return backbones.load("random-t5-tiny", formulation="classification")
-
-
-def grads_set(model):
-    return {n for n, p in model.named_parameters() if p.grad is not None}
-
-
 def read_trainable(cell, d, hidden, num_labels):
     w_o = hidden * d  # W_o: H -> d, no bias
     head = d * num_labels + num_labels
@@ -651,12 +624,6 @@ def test_read_side_network_changes_logits(minilm):
     before = model(**batch)
     randomize(model.side)
     assert (model(**batch) - before).abs().max() > 1e-3
-
-
-def saved(fn, model=None) -> int:
-    with SavedTensorMeter(model) as meter:
-        fn()
-    return meter.bytes
 
 
 # ---------------------------------------------------------------- READ vs full

@@ -8,7 +8,7 @@ no gradient through h_Ḡ). Mixing at the layer inputs alone is *not* the same g
 
 import pytest
 import torch
-from helpers import own_copy, randomize
+from helpers import TEXTS, encode, own_copy, randomize
 from scipy.stats import chisquare
 from torch.nn import functional as F
 
@@ -20,18 +20,7 @@ from readlib.methods.selective import SelectiveCausalLM, select_positions, selec
 from readlib.params import make_params
 from readlib.train import fit
 
-TEXTS = ["The cat sat on the mat.", "A considerably longer sentence, so that the others need padding.", "Short."]
-
-
-PAIRS = ["It sat.", "The sentence is long.", "Yes."]
-
-
 D, H, LAYERS = 384, 12, 6  # MiniLM-L6
-
-
-def encode(backbone):
-    enc = backbone.tokenizer(TEXTS, PAIRS, padding=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def no_dropout(model):
