@@ -170,3 +170,17 @@ SMALL = dict(task="rte", method="read", backbone="minilm", max_train=64, max_eva
 
 def run(on_epoch=None, **overrides):
     return fit(make_params("quick", **(SMALL | overrides)), progress=False, on_epoch=on_epoch)
+
+
+SENTENCES = [
+    "The cat sat on the mat.",
+    "A considerably longer sentence, so that the other two in this batch need padding.",
+    "Short one.",
+]
+
+
+def encode_sentences(backbone, texts=SENTENCES):
+    """Single sentences, padded to the longest: input_ids, attention_mask (and token_type_ids where the model has
+    them)."""
+    enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}

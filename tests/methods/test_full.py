@@ -1,7 +1,7 @@
 """Full fine-tuning (readlib.methods.full): every backbone parameter trains, on both formulations."""
 
 import torch
-from helpers import grads_set, load_t5, own_copy, seq2seq_batch, t5_tiny
+from helpers import encode_sentences, grads_set, load_t5, own_copy, seq2seq_batch, t5_tiny
 
 from readlib import methods
 
@@ -19,28 +19,16 @@ def test_full_seq2seq_trains_every_t5_parameter():
     assert methods.count_parameters(model)[0] == sum(p.numel() for p in bb.model.parameters())
 
 
-TEXTS = [
-    "The cat sat on the mat.",
-    "A considerably longer sentence, so that the other two in this batch need padding.",
-    "Short one.",
-]
-
-
-def encode(backbone, texts=TEXTS):
-    enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-
-
 def test_full_gradients_reach_every_t5_parameter():
     bb = t5_tiny()
     model = methods.build("full", bb, 2)
-    model(**encode(bb)).sum().backward()
+    model(**encode_sentences(bb)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_full_minilm_trains_only_parameters_that_get_gradients(minilm):
     model = methods.build("full", own_copy(minilm), 2)
-    model(**encode(minilm)).sum().backward()
+    model(**encode_sentences(minilm)).sum().backward()
     assert grads_set(model) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import F32, grads_set, load_t5, randomize, saved, seq2seq_batch, t5_tiny
+from helpers import F32, SENTENCES, encode_sentences, grads_set, load_t5, randomize, saved, seq2seq_batch, t5_tiny
 from transformers import T5ForConditionalGeneration
 
 from readlib import backbones, methods
@@ -433,18 +433,6 @@ def test_unknown_joiner():
         methods.make_config("read", {"joiner": "attention"})
 
 
-TEXTS = [
-    "The cat sat on the mat.",
-    "A considerably longer sentence, so that the other two in this batch need padding.",
-    "Short one.",
-]
-
-
-def encode(backbone, texts=TEXTS):
-    enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-
-
 def read_trainable(cell, d, hidden, num_labels):
     w_o = hidden * d  # W_o: H -> d, no bias
     head = d * num_labels + num_labels
@@ -463,7 +451,7 @@ def test_make_config_rejects_non_integer_hidden():
 
 def test_read_gradients_only_in_side_network_and_head(minilm):
     model = methods.build("read", minilm, 2).train()
-    model(**encode(minilm)).sum().backward()
+    model(**encode_sentences(minilm)).sum().backward()
     names = [n for n, _ in model.named_parameters()]
     expected = {n for n in names if n.startswith(("side.", "head."))}
     assert grads_set(model) == expected
@@ -514,7 +502,7 @@ def test_read_t5_base_count_matches_table4():
 def test_read_starts_at_the_frozen_backbone(minilm):
     # W_o = 0 at initialisation: φ_N' = φ_N, so READ's logits are the head on the frozen output
     model = methods.build("read", minilm, 3).eval()
-    batch = encode(minilm)
+    batch = encode_sentences(minilm)
     expected = model.head(minilm.last_hidden_state(**batch), batch["attention_mask"])
     logits = model(**batch)
     assert logits.shape == (3, 3)
@@ -525,7 +513,7 @@ def test_read_starts_at_the_frozen_backbone(minilm):
 
 def test_read_features_are_phi_1_to_N_of_real_tokens(minilm):
     model = methods.build("read", minilm, 2)
-    batch = encode(minilm)
+    batch = encode_sentences(minilm)
     phi = model.features(**batch)
     mask = batch["attention_mask"].bool()
     states = minilm.hidden_states(**batch)
@@ -541,7 +529,7 @@ def test_read_encoder_backbone_stays_in_eval_mode(minilm):
     assert not any(m.training for m in minilm.model.modules())
     # MiniLM has dropout 0.1 inside; in eval mode two training-mode forwards agree exactly
     randomize(model.side)
-    batch = encode(minilm)
+    batch = encode_sentences(minilm)
     assert torch.equal(model(**batch), model(**batch))
 
 
@@ -602,9 +590,9 @@ def test_side_network_gradcheck(kind, phi_needs_grad):
 def test_read_is_invariant_to_padding(minilm):
     model = methods.build("read", minilm, 2).eval()
     randomize(model.side)
-    alone = model(**encode(minilm, TEXTS[:1]))
-    padded = model(**encode(minilm, TEXTS[:2]))  # row 0 is padded to the longer sentence
-    assert encode(minilm, TEXTS[:2])["attention_mask"][0].eq(0).sum() >= 10
+    alone = model(**encode_sentences(minilm, SENTENCES[:1]))
+    padded = model(**encode_sentences(minilm, SENTENCES[:2]))  # row 0 is padded to the longer sentence
+    assert encode_sentences(minilm, SENTENCES[:2])["attention_mask"][0].eq(0).sum() >= 10
     torch.testing.assert_close(padded[:1], alone, rtol=0, atol=1e-5)
     assert (padded[0] - padded[1]).abs().max() > 1e-3  # the rows themselves differ
 
@@ -613,14 +601,14 @@ def test_read_is_invariant_to_padding_t5():
     bb = t5_tiny()
     model = methods.build("read", bb, 3).eval()
     randomize(model.side)
-    alone = model(**encode(bb, TEXTS[2:]))
-    padded = model(**encode(bb, TEXTS[1:]))
+    alone = model(**encode_sentences(bb, SENTENCES[2:]))
+    padded = model(**encode_sentences(bb, SENTENCES[1:]))
     torch.testing.assert_close(padded[1:], alone, rtol=0, atol=1e-5)
 
 
 def test_read_side_network_changes_logits(minilm):
     model = methods.build("read", minilm, 2).eval()
-    batch = encode(minilm)
+    batch = encode_sentences(minilm)
     before = model(**batch)
     randomize(model.side)
     assert (model(**batch) - before).abs().max() > 1e-3
