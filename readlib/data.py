@@ -1,7 +1,10 @@
-"""GLUE tasks for READ: registry, loading (data_dir | bundled copy | hub) and the paper's splits.
+"""GLUE tasks for READ: registry, loading (data_dir | bundled copy | hub), the paper's splits and T5 strings.
 
 GLUE hides its test labels, so READ (Section 3.2) cuts new validation and test splits out of
 the public train and validation data; Appendix C.2, Table 5, lists the sizes the paper used.
+READ's code base is LST's (github.com/ylsung/Ladder-Side-Tuning), whose ``seq2seq/data/tasks.py``
+(inherited from Compacter) makes these splits and the text-to-text strings; the "lst" recipe and
+format below reproduce it.
 """
 
 import os
@@ -68,6 +71,13 @@ BUNDLED_DIR = BUNDLED_GLUE
 HUB_DATASET = "nyu-mll/glue"
 SMALL_TRAIN = 10_000  # Section 3.2: below this many train rows, halve the original validation
 HOLDOUT = 1_000  # Section 3.2: otherwise hold this many train rows out as validation
+SPLIT_RECIPES = ("lst", "numpy")  # which rows paper_split draws: LST's torch.randperm slices | a numpy permutation
+TARGET_FORMATS = ("lst", "t5")  # text-to-text strings: LST's (label index) | T5's GLUE recipe (class name)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def get_task(name: str) -> TaskSpec:
@@ -171,28 +181,44 @@ def paper_split_sizes(task: str, n_train: int | None = None, n_val: int | None =
     return {"train": n_train - HOLDOUT, "validation": HOLDOUT, "test": n_val}
 
 
-def paper_split(raw: datasets.DatasetDict, task: str, seed: int = 42) -> datasets.DatasetDict:
+def _lst_shuffled_indices(n: int, seed: int) -> list[int]:
+    """LST's AbstractTask.shuffled_indices: torch.randperm(n) under a torch.Generator seeded with ``seed``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def paper_split(raw: datasets.DatasetDict, task: str, seed: int = 42, recipe: str = "lst") -> datasets.DatasetDict:
     """READ Section 3.2 train/validation/test splits from the original GLUE splits.
 
     Train < 10k rows: a seeded permutation of the original validation split gives its first
     half (floor) to validation and the rest to test. Otherwise the original validation is the
-    test set and 1k permuted train rows are held out as validation. MNLI: validation_mismatched
-    is validation, validation_matched is test. Rows keep their original order within a split.
+    test set, the first 1k rows of a seeded permutation of train are validation and the other
+    rows train. MNLI: validation_mismatched is validation, validation_matched is test.
+
+    recipe "lst" is LST's AbstractTask.get / get_split_indices (seed 42 is its data_seed default): the
+    permutation is torch.randperm under torch.Generator().manual_seed(seed), and the rows it selects stay in
+    the permuted order, as LST's dataset.select(indices) leaves them. recipe "numpy" permutes with
+    np.random.default_rng(seed) and keeps the selected rows in their original order. Untouched splits
+    (small tasks' train, large tasks' test, all of MNLI) are the original splits in their original order.
+    At GLUE's sizes the tasks under 10k train rows are those LST lists as small (cola, rte, mrpc, stsb).
     """
     spec = get_task(task)
+    _check_choice("split recipe", recipe, SPLIT_RECIPES)
     if spec.name == "mnli":
         return datasets.DatasetDict(train=raw["train"], validation=raw["validation_mismatched"],
                                     test=raw["validation_matched"])
     train, val = raw["train"], raw["validation"]
     k = paper_split_sizes(spec.name, len(train), len(val))["validation"]
-    rng = np.random.default_rng(seed)
-    if len(train) < SMALL_TRAIN:
-        perm = rng.permutation(len(val))
-        return datasets.DatasetDict(train=train, validation=val.select(np.sort(perm[:k])),
-                                    test=val.select(np.sort(perm[k:])))
-    perm = rng.permutation(len(train))
-    return datasets.DatasetDict(train=train.select(np.sort(perm[k:])),
-                                validation=train.select(np.sort(perm[:k])), test=val)
+    small = len(train) < SMALL_TRAIN
+    n = len(val) if small else len(train)  # the split that is permuted and cut in two
+    if recipe == "lst":
+        perm = _lst_shuffled_indices(n, seed)
+        first, rest = perm[:k], perm[k:]
+    else:
+        perm = np.random.default_rng(seed).permutation(n)
+        first, rest = np.sort(perm[:k]), np.sort(perm[k:])
+    if small:
+        return datasets.DatasetDict(train=train, validation=val.select(first), test=val.select(rest))
+    return datasets.DatasetDict(train=train.select(rest), validation=train.select(first), test=val)
 
 
 def check_subsample(name: str, n: int | None) -> None:
@@ -202,7 +228,7 @@ def check_subsample(name: str, n: int | None) -> None:
 
 
 def subsample(ds: datasets.Dataset, n: int | None, seed: int = 0) -> datasets.Dataset:
-    """n rows drawn without replacement (seeded), in their original order; all rows if n is None."""
+    """n rows drawn without replacement (seeded), in the order ``ds`` has them; all rows if n is None."""
     check_subsample("subsample size", n)
     if n is None or n >= len(ds):
         return ds
@@ -211,22 +237,25 @@ def subsample(ds: datasets.Dataset, n: int | None, seed: int = 0) -> datasets.Da
 
 def load_task(task: str, data_dir: str | Path | None = None, split_seed: int = 42,
               max_train: int | None = None, max_eval: int | None = None,
-              subsample_seed: int = 0) -> tuple[datasets.DatasetDict, dict]:
-    """Paper splits of a task, optionally subsampled, and a record of what data produced them.
+              subsample_seed: int = 0, split_recipe: str = "lst") -> tuple[datasets.DatasetDict, dict]:
+    """Paper splits of a task (``paper_split`` with ``split_recipe``), optionally subsampled, and a record
+    of what data produced them.
 
-    max_train caps the train split, max_eval caps validation and test each. Returns (splits,
-    info) with info = {task, source, split_seed, sizes_full, sizes_used, subsample_seed}.
+    max_train caps the train split, max_eval caps validation and test each. Returns (splits, info) with
+    info = {task, source, split_seed, split_recipe, sizes_full, sizes_used, subsample_seed}.
     """
     spec = get_task(task)
     check_subsample("max_train", max_train)
     check_subsample("max_eval", max_eval)
+    _check_choice("split recipe", split_recipe, SPLIT_RECIPES)
     source = check_available(spec.name, data_dir)
-    splits = paper_split(load_raw(spec.name, data_dir), spec.name, split_seed)
+    splits = paper_split(load_raw(spec.name, data_dir), spec.name, split_seed, split_recipe)
     sizes_full = {s: len(d) for s, d in splits.items()}
     caps = {"train": max_train, "validation": max_eval, "test": max_eval}
     splits = datasets.DatasetDict({s: subsample(d, caps[s], subsample_seed) for s, d in splits.items()})
-    info = {"task": spec.name, "source": source, "split_seed": split_seed, "sizes_full": sizes_full,
-            "sizes_used": {s: len(d) for s, d in splits.items()}, "subsample_seed": subsample_seed}
+    info = {"task": spec.name, "source": source, "split_seed": split_seed, "split_recipe": split_recipe,
+            "sizes_full": sizes_full, "sizes_used": {s: len(d) for s, d in splits.items()},
+            "subsample_seed": subsample_seed}
     return splits, info
 
 
@@ -268,34 +297,54 @@ def split_table() -> pd.DataFrame:
     return df.astype({c: "Int64" for c in paper_cols} | {"follows_recipe": "boolean"})
 
 
-# --- text-to-text (T5) formulation, as in T5's GLUE recipe that Compacter/LST and READ follow ---
+# --- text-to-text (T5) formulation: LST's strings ("lst") or T5's GLUE recipe ("t5") ---
+#
+# "lst" is LST's seq2seq/data/tasks.py (each task's preprocessor and AbstractTask.seq2seq_format, with the
+# task-name prefix that run_seq2seq.py switches on for every method but task adapters): "<task> field: text ...",
+# fields in the task's order, and the label index as the target ("0", "1", ...). MNLI's hypothesis key is written
+# without its colon there, kept here. "t5" is T5's t5/data/preprocessors.py (glue, stsb): "<task> field: text ...",
+# fields sorted by name (MNLI: hypothesis before premise), and the class name as the target, the format public T5
+# checkpoints were multi-task pre-trained on.
 
-STSB_STEP = 0.2  # STS-B targets are scores rounded to the nearest 0.2, written "3.8"
+LST_FIELD_KEYS = {("mnli", "hypothesis"): "hypothesis"}  # LST's keys that differ from "<field>:"
+STSB_STEP = 0.2  # "t5": STS-B targets are scores rounded to the nearest 0.2, written "3.8"
 
 
-def t5_source(spec: TaskSpec, row: dict) -> str:
+def t5_source(spec: TaskSpec, row: dict, style: str = "lst") -> str:
     """The input string: task prefix, then each text field as "field: text" (e.g. "rte sentence1: ...")."""
-    return " ".join([spec.name] + [f"{field}: {row[field]}" for field in spec.text_fields])
+    _check_choice("target format", style, TARGET_FORMATS)
+    if style == "t5":  # T5 orders the fields by name
+        keyed = [(f"{field}:", field) for field in sorted(spec.text_fields)]
+    else:
+        keyed = [(LST_FIELD_KEYS.get((spec.name, field), f"{field}:"), field) for field in spec.text_fields]
+    return " ".join([spec.name] + [f"{key} {row[field]}" for key, field in keyed])
 
 
-def t5_target(spec: TaskSpec, label: float) -> str:
-    """The target string: the class name, or the STS-B score rounded to 0.2 with one decimal."""
-    if spec.is_regression:  # T5's recipe: round(5 x) / 5, ties to even (as tf.round)
-        return f"{round(float(label) * round(1 / STSB_STEP)) * STSB_STEP:.1f}"
-    return spec.label_names[int(label)]
+def t5_target(spec: TaskSpec, label: float, style: str = "lst") -> str:
+    """The target string: "lst" the label index, or the STS-B score rounded to 0.1 ("3.9");
+    "t5" the class name, or the STS-B score rounded to 0.2 ("3.8")."""
+    _check_choice("target format", style, TARGET_FORMATS)
+    if not spec.is_regression:
+        return str(int(label)) if style == "lst" else spec.label_names[int(label)]
+    if style == "lst":  # LST's round_stsb_target, np.round((label * 5) / 5, decimals=1): the * 5 / 5 cancels, so
+        # the score is rounded to one decimal, numpy's way: rint(10 x) / 10, ties to even (0.25 -> "0.2")
+        return str(np.round(float(label) * 5 / 5, decimals=1))
+    # T5's recipe: round(5 x) / 5, ties to even (as tf.round)
+    return f"{round(float(label) * round(1 / STSB_STEP)) * STSB_STEP:.1f}"
 
 
-def t5_label(spec: TaskSpec, text: str) -> float | int | None:
-    """The label a generated string stands for, or None if it is no valid target.
+def t5_label(spec: TaskSpec, text: str, style: str = "lst") -> float | int | None:
+    """The label a generated string stands for, or None if it is no valid target (STS-B: clipped to [0, 5]).
 
-    Whitespace is ignored, so word-piece decodings such as "not _ entailment" still match.
+    Whitespace is ignored, so word-piece decodings such as "not _ entailment" or "3. 8" still match.
     """
+    _check_choice("target format", style, TARGET_FORMATS)
     text = "".join(text.split())
     if spec.is_regression:
         if re.fullmatch(r"-?\d+(\.\d+)?", text) is None:  # float() would also take "nan", "1_0", "1e3"
             return None
         return min(max(float(text), 0.0), 5.0)
-    names = ["".join(name.split()) for name in spec.label_names]
+    names = ["".join(t5_target(spec, i, style).split()) for i in range(spec.num_labels)]
     return names.index(text) if text in names else None
 
 
@@ -303,20 +352,25 @@ class Encoded:
     """A tokenized split: token id lists plus a label tensor; ``batch(idx)`` pads on the fly.
 
     With ``eos_id`` given, the split is text-to-text (T5): sources are ``t5_source`` strings and each example
-    also has target ids (``t5_target`` + end-of-sequence); ``batch`` then returns ``decoder_input_ids``
-    (targets shifted right behind the pad id, T5's decoder start) and token labels with -100 on padding.
+    also has target ids (``t5_target`` + end-of-sequence), both in ``target_format`` ("lst" | "t5");
+    ``batch`` then returns ``decoder_input_ids`` (targets shifted right behind the pad id, T5's decoder
+    start) and token labels with -100 on padding.
     """
 
-    def __init__(self, dataset, tokenizer, task: TaskSpec, max_length: int, eos_id: int | None = None):
+    def __init__(self, dataset, tokenizer, task: TaskSpec, max_length: int, eos_id: int | None = None,
+                 target_format: str = "lst"):
+        _check_choice("target format", target_format, TARGET_FORMATS)
         self.pad_id = tokenizer.pad_token_id or 0
         self.formulation = "classification" if eos_id is None else "text-to-text"
+        self.target_format = target_format  # how generated text is read back: t5_label(task, text, target_format)
         dtype = torch.float32 if task.is_regression else torch.long
         self.labels = torch.tensor(list(dataset["label"]), dtype=dtype)
         self.targets = None
         if eos_id is not None:
-            sources = [t5_source(task, row) for row in dataset]
+            sources = [t5_source(task, row, target_format) for row in dataset]
             enc = tokenizer(sources, truncation=True, max_length=max_length)
-            targets = [t5_target(task, label) for label in self.labels.tolist()]
+            # float32 labels, as LST's datasets hand them to round_stsb_target (its STS-B ties depend on it)
+            targets = [t5_target(task, label, target_format) for label in self.labels.tolist()]
             self.targets = [ids + [eos_id] for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
         else:
             enc = tokenizer(*[list(dataset[name]) for name in task.text_fields], truncation=True,

@@ -33,6 +33,13 @@ def raw():
 
 @pytest.fixture(scope="module")
 def split(raw):
+    """Splits by the "numpy" recipe (np.random.default_rng permutation, rows in original order)."""
+    return {t: data.paper_split(raw[t], t, recipe="numpy") for t in BUNDLED}
+
+
+@pytest.fixture(scope="module")
+def lst_split(raw):
+    """Splits by the default "lst" recipe (LST's torch.randperm slices)."""
     return {t: data.paper_split(raw[t], t) for t in BUNDLED}
 
 
@@ -65,10 +72,11 @@ def test_raw_schema(raw):
 
 
 @pytest.mark.parametrize("task", BUNDLED)
-def test_paper_split_sizes(split, task):
-    sizes = tuple(len(split[task][s]) for s in ("train", "validation", "test"))
-    assert sizes == EXPECTED[task]
-    assert data.paper_split_sizes(task) == dict(zip(("train", "validation", "test"), sizes, strict=True))
+def test_paper_split_sizes(split, lst_split, task):
+    for splits in (split, lst_split):
+        sizes = tuple(len(splits[task][s]) for s in ("train", "validation", "test"))
+        assert sizes == EXPECTED[task]
+        assert data.paper_split_sizes(task) == dict(zip(("train", "validation", "test"), sizes, strict=True))
 
 
 def test_paper_split_sizes_large_and_mnli():
@@ -104,8 +112,8 @@ def test_large_task_holds_out_train(raw, split):
 
 
 def test_paper_split_deterministic(raw, split):
-    again = data.paper_split(raw["mrpc"], "mrpc", seed=42)
-    other = data.paper_split(raw["mrpc"], "mrpc", seed=7)
+    again = data.paper_split(raw["mrpc"], "mrpc", seed=42, recipe="numpy")
+    other = data.paper_split(raw["mrpc"], "mrpc", seed=7, recipe="numpy")
     for s in ("train", "validation", "test"):
         assert idx(again[s]) == idx(split["mrpc"][s])
     assert idx(other["validation"]) != idx(split["mrpc"]["validation"])
@@ -115,15 +123,82 @@ def test_paper_split_deterministic(raw, split):
     assert positions == sorted(positions)
 
 
-def test_mnli_split_mapping():
+@pytest.mark.parametrize("recipe", data.SPLIT_RECIPES)
+def test_mnli_split_mapping(recipe):
+    # LST's MNLI.split_to_data_split: validation_mismatched is validation, validation_matched is test, no shuffling
     def ds(n, start):
         return data.datasets.Dataset.from_dict({"idx": list(range(start, start + n))})
     raw = data.datasets.DatasetDict(train=ds(5, 0), validation_matched=ds(3, 100),
                                     validation_mismatched=ds(2, 200))
-    out = data.paper_split(raw, "mnli")
+    out = data.paper_split(raw, "mnli", recipe=recipe)
     assert idx(out["train"]) == [0, 1, 2, 3, 4]
     assert idx(out["validation"]) == [200, 201]
     assert idx(out["test"]) == [100, 101, 102]
+
+
+def lst_indices(n, seed=42):
+    """LST's AbstractTask.shuffled_indices (ylsung/Ladder-Side-Tuning seq2seq/data/tasks.py), written out again."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+@pytest.mark.parametrize("task", BUNDLED)
+def test_lst_split_is_lsts_procedure(raw, lst_split, task):
+    # LST's AbstractTask.get / get_split_indices with split_validation_test and data_seed 42: small tasks
+    # (cola, rte, mrpc, stsb) shuffle the original validation, its first len // 2 rows are validation and the
+    # rest test, train untouched; large ones (sst2, qnli, qqp) shuffle train, its first 1000 rows are validation
+    # and the rest train, the original validation is test. Rows in the shuffled order (dataset.select(indices)).
+    train, val = idx(raw[task]["train"]), idx(raw[task]["validation"])
+    if task == "sst2":
+        perm = lst_indices(len(train))
+        expected = {"train": [train[i] for i in perm[1000:]], "validation": [train[i] for i in perm[:1000]],
+                    "test": val}
+    else:
+        perm, k = lst_indices(len(val)), len(val) // 2
+        expected = {"train": train, "validation": [val[i] for i in perm[:k]], "test": [val[i] for i in perm[k:]]}
+    for s in ("train", "validation", "test"):
+        assert idx(lst_split[task][s]) == expected[s]
+        assert len(set(expected[s])) == len(expected[s]) == data.paper_split_sizes(task)[s]
+    # the two halves of the shuffled split share no row (idx numbers each original split from 0)
+    halves = ("train", "validation") if task == "sst2" else ("validation", "test")
+    assert set(idx(lst_split[task][halves[0]])).isdisjoint(idx(lst_split[task][halves[1]]))
+
+
+# the first selected ids (GLUE idx column) of LST's splits, pinned: PyTorch keeps its old CPU randperm algorithm for
+# n < 2**32 / 20 (randperm_cpu in ATen's TensorFactories.cpp), so these hold across versions
+LST_FIRST_IDS = {
+    "cola": ([911, 408, 813, 657, 710], [334, 85, 10, 327, 486]),
+    "sst2": ([6677, 49712, 38268, 32909, 23395], [0, 1, 2, 3, 4]),
+    "mrpc": ([334, 601, 3423, 3251, 54], [83, 1083, 796, 2396, 617]),  # rows 30, 63, 342, ...: mrpc idx has gaps
+    "stsb": ([42, 340, 1028, 766, 1150], [895, 1352, 773, 165, 179]),
+    "rte": ([207, 84, 253, 243, 190], [152, 221, 79, 245, 103]),
+}
+
+
+@pytest.mark.parametrize("task", BUNDLED)
+def test_lst_split_first_ids(split, lst_split, task):
+    validation, test = LST_FIRST_IDS[task]
+    assert idx(lst_split[task]["validation"])[:5] == validation
+    assert idx(lst_split[task]["test"])[:5] == test
+    # other rows than the numpy recipe, out of the same ones
+    assert set(idx(lst_split[task]["validation"])) != set(idx(split[task]["validation"]))
+    def all_ids(splits):
+        return sorted(i for s in ("train", "validation", "test") for i in idx(splits[task][s]))
+    assert all_ids(lst_split) == all_ids(split)
+
+
+def test_unknown_recipe_and_format():
+    rte = data.get_task("rte")
+    with pytest.raises(ConfigError, match="lst, numpy"):
+        data.paper_split(datasets.DatasetDict(), "rte", recipe="torch")
+    with pytest.raises(ConfigError, match="split recipe"):
+        data.load_task("rte", split_recipe="LST")
+    for call in (lambda: data.t5_source(rte, {"sentence1": "a", "sentence2": "b"}, "T5"),
+                 lambda: data.t5_target(rte, 0, "compacter"), lambda: data.t5_label(rte, "0", "index"),
+                 lambda: Encoded(rte_rows(), None, rte, 8, eos_id=1, target_format="name")):
+        with pytest.raises(ConfigError, match="lst, t5"):
+            call()
 
 
 def test_subsample(raw):
@@ -137,14 +212,18 @@ def test_subsample(raw):
         data.subsample(ds, 0)
 
 
-def test_load_task_records_data():
+def test_load_task_records_data(lst_split, split):
     splits, info = data.load_task("cola", max_train=100, max_eval=50)
-    assert info == {"task": "cola", "source": "local:data/glue", "split_seed": 42,
+    assert info == {"task": "cola", "source": "local:data/glue", "split_seed": 42, "split_recipe": "lst",
                     "sizes_full": {"train": 8551, "validation": 521, "test": 522},
                     "sizes_used": {"train": 100, "validation": 50, "test": 50}, "subsample_seed": 0}
     again, _ = data.load_task("cola", max_train=100, max_eval=50)
     assert all(idx(splits[s]) == idx(again[s]) for s in ("train", "validation", "test"))
     assert not set(idx(splits["validation"])) & set(idx(splits["test"]))
+    assert set(idx(splits["validation"])) <= set(idx(lst_split["cola"]["validation"]))
+    full, info = data.load_task("cola", split_recipe="numpy")
+    assert info["split_recipe"] == "numpy"
+    assert all(idx(full[s]) == idx(split["cola"][s]) for s in ("train", "validation", "test"))
 
 
 def test_load_task_validates_before_loading():
@@ -232,37 +311,88 @@ CLASS_NAMES = {
 # ---------------------------------------------------------------- source and target strings
 
 
-@pytest.mark.parametrize("task, row, expected", [
-    ("rte", {"sentence1": "A", "sentence2": "B"}, "rte sentence1: A sentence2: B"),
-    ("mrpc", {"sentence1": "He said so.", "sentence2": "So he said."},
-     "mrpc sentence1: He said so. sentence2: So he said."),
-    ("sst2", {"sentence": "a gripping film"}, "sst2 sentence: a gripping film"),
-    ("cola", {"sentence": "Him went."}, "cola sentence: Him went."),
-    ("stsb", {"sentence1": "x", "sentence2": "y"}, "stsb sentence1: x sentence2: y"),
-    ("qqp", {"question1": "Why?", "question2": "How?"}, "qqp question1: Why? question2: How?"),
-    ("qnli", {"question": "Who?", "sentence": "Me."}, "qnli question: Who? sentence: Me."),
-    ("mnli", {"premise": "P", "hypothesis": "H"}, "mnli premise: P hypothesis: H"),
-])
-def test_t5_source(task, row, expected):
-    assert data.t5_source(data.get_task(task), row | {"label": 0, "idx": 7}) == expected
+def bundled_row(task, split, i):
+    return pq.read_table(data.BUNDLED_DIR / task / f"{split}.parquet").slice(i, 1).to_pylist()[0]
+
+
+# One row per task -> (source, target) as
+# "lst": ylsung/Ladder-Side-Tuning seq2seq/data/tasks.py, <Task>.preprocessor + AbstractTask.seq2seq_format with
+#        add_prefix=True (run_seq2seq.py: add_prefix=False only with train_task_adapters), target str(label), STS-B
+#        str(round_stsb_target(label)) = str(np.round((label * 5) / 5, decimals=1)); MNLI's key "hypothesis" has no
+#        colon there;
+# "t5":  T5's t5/data/preprocessors.py glue() (fields sorted by name, target the class name) and stsb()
+#        (round(5 x) / 5).
+# QQP and MNLI are not bundled: hand-built rows in their GLUE schema. QNLI: its bundled validation split.
+MRPC_1 = 'Amrozi accused his brother , whom he called " the witness " , of deliberately distorting his evidence .'
+MRPC_2 = ('Referring to him as only " the witness " , Amrozi accused his brother of deliberately distorting his '
+          'evidence .')
+QNLI_Q = "What came into force after the new constitution was herald?"
+QNLI_S = "As of that day, the new constitution heralding the Second Republic came into force."
+ROWS = {
+    "cola": (bundled_row("cola", "train", 0),
+             ("cola sentence: Our friends won't buy this analysis, let alone the next one we propose.", "1"),
+             ("cola sentence: Our friends won't buy this analysis, let alone the next one we propose.", "acceptable")),
+    "sst2": (bundled_row("sst2", "train", 0),  # GLUE's SST-2 text keeps its trailing space
+             ("sst2 sentence: hide new secretions from the parental units ", "0"),
+             ("sst2 sentence: hide new secretions from the parental units ", "negative")),
+    "mrpc": (bundled_row("mrpc", "train", 0),
+             (f"mrpc sentence1: {MRPC_1} sentence2: {MRPC_2}", "1"),
+             (f"mrpc sentence1: {MRPC_1} sentence2: {MRPC_2}", "equivalent")),
+    "qqp": ({"question1": "How do I learn Python?", "question2": "What is the best way to learn Python?",
+             "label": 1, "idx": 5},
+            ("qqp question1: How do I learn Python? question2: What is the best way to learn Python?", "1"),
+            ("qqp question1: How do I learn Python? question2: What is the best way to learn Python?", "duplicate")),
+    "stsb": (bundled_row("stsb", "train", 12),  # label 3.867 (float32 3.867000102996826)
+             ("stsb sentence1: A man is playing a flute. sentence2: A man is playing a bamboo flute.", "3.9"),
+             ("stsb sentence1: A man is playing a flute. sentence2: A man is playing a bamboo flute.", "3.8")),
+    "mnli": ({"premise": "The cat sat on the mat.", "hypothesis": "A cat is sitting.", "label": 0, "idx": 3},
+             ("mnli premise: The cat sat on the mat. hypothesis A cat is sitting.", "0"),
+             ("mnli hypothesis: A cat is sitting. premise: The cat sat on the mat.", "entailment")),
+    "qnli": (bundled_row("qnli", "validation", 0),
+             (f"qnli question: {QNLI_Q} sentence: {QNLI_S}", "0"),
+             (f"qnli question: {QNLI_Q} sentence: {QNLI_S}", "entailment")),
+    "rte": (bundled_row("rte", "train", 0),
+            ("rte sentence1: No Weapons of Mass Destruction Found in Iraq Yet. sentence2: Weapons of Mass Destruction "
+             "Found in Iraq.", "1"),
+            ("rte sentence1: No Weapons of Mass Destruction Found in Iraq Yet. sentence2: Weapons of Mass Destruction "
+             "Found in Iraq.", "not_entailment")),
+}
+
+
+def test_rows_cover_every_task():
+    assert set(ROWS) == set(data.TASKS)
+    assert data.TARGET_FORMATS == ("lst", "t5")
+
+
+@pytest.mark.parametrize("task", sorted(ROWS))
+def test_source_and_target_strings(task):
+    spec, (row, lst, t5) = data.get_task(task), ROWS[task]
+    assert (data.t5_source(spec, row), data.t5_target(spec, row["label"])) == lst  # "lst" is the default
+    assert (data.t5_source(spec, row, "lst"), data.t5_target(spec, row["label"], "lst")) == lst
+    assert (data.t5_source(spec, row, "t5"), data.t5_target(spec, row["label"], "t5")) == t5
+    # and back: the label index, or the rounded score
+    assert data.t5_label(spec, lst[1], "lst") == (pytest.approx(3.9) if spec.is_regression else row["label"])
+    assert data.t5_label(spec, t5[1], "t5") == (pytest.approx(3.8) if spec.is_regression else row["label"])
 
 
 @pytest.mark.parametrize("task", sorted(CLASS_NAMES))
 def test_t5_target_classes(task):
     spec = data.get_task(task)
-    assert tuple(data.t5_target(spec, i) for i in range(spec.num_labels)) == CLASS_NAMES[task]
-    assert tuple(data.t5_target(spec, float(i)) for i in range(spec.num_labels)) == CLASS_NAMES[task]
+    for label in (*range(spec.num_labels), *map(float, range(spec.num_labels))):
+        assert data.t5_target(spec, label, "t5") == CLASS_NAMES[task][int(label)]
+        assert data.t5_target(spec, label, "lst") == "012"[int(label)]
 
 
-# STS-B: T5's recipe round(5 * score) / 5, where round() breaks ties to the even integer
+# STS-B "t5": T5's recipe round(5 * score) / 5, where round() breaks ties to the even integer
 # ("banker's rounding", as tf.round does)
-STSB_TARGETS = [
+STSB_T5_TARGETS = [
     (3.87, "3.8"),  # 19.35 -> 19 -> 3.8
     (3.9, "4.0"),  # 19.5 -> tie -> even 20 -> 4.0
     (3.7, "3.6"),  # 18.5 -> tie -> even 18 -> 3.6 (not 3.8)
     (0.5, "0.4"),  # 2.5 -> even 2 -> 0.4
     (1.1, "1.2"),  # 5.5 -> even 6 -> 1.2
     (0.3, "0.4"),  # 1.5 -> even 2 -> 0.4 (dividing by 0.2 instead gives 1.4999999999999998 -> 0.2)
+    (0.1, "0.0"),  # 0.5 -> even 0 -> 0.0
     (4.25, "4.2"),  # 21.25 -> 21 -> 4.2
     (4.99, "5.0"),  # 24.95 -> 25 -> 5.0
     (0.09, "0.0"),  # 0.45 -> 0
@@ -271,52 +401,97 @@ STSB_TARGETS = [
     (2, "2.0"),  # an integer label
 ]
 
+# STS-B "lst": LST's round_stsb_target, np.round((x * 5) / 5, decimals=1) = rint(10 x) / 10 (numpy: ties to even,
+# after 10 x is rounded to a double). GLUE's STS-B labels are float32; 335 of the bundled train labels are ties
+# (0.25, 0.75, 0.85, 1.25, ..., 4.75)
+F32 = float(np.float32(0.85))  # 0.8500000238418579
+STSB_LST_TARGETS = [
+    (3.87, "3.9"),  # 38.7 -> 39
+    (3.867000102996826, "3.9"),  # a bundled label (float32)
+    (2.6, "2.6"), (3.8, "3.8"), (0.1, "0.1"), (0.3, "0.3"),  # already one decimal: no tie at 0.1 / 0.3 here
+    (0.25, "0.2"),  # 2.5 -> tie -> even 2
+    (0.75, "0.8"),  # 7.5 -> even 8
+    (3.75, "3.8"),  # 37.5 -> even 38
+    (4.25, "4.2"),  # 42.5 -> even 42
+    (F32, "0.9"),  # 8.500000238... -> 9: float32 0.85 is just above the tie
+    (float(np.float32(0.35)), "0.3"),  # 3.4999999403... -> 3: float32 0.35 is just below it
+    (0.35, "0.4"),  # the float64 0.35 = 0.34999999999999997...: 10 x rounds to exactly 3.5 -> even 4
+    (4.99, "5.0"), (5.0, "5.0"), (0.0, "0.0"), (2, "2.0"),
+]
 
-@pytest.mark.parametrize("score, expected", STSB_TARGETS, ids=[s for _, s in STSB_TARGETS])
+
+@pytest.mark.parametrize("score, expected", STSB_T5_TARGETS, ids=[s for _, s in STSB_T5_TARGETS])
 def test_t5_target_stsb_rounds_to_0_2(score, expected):
     assert data.STSB_STEP == 0.2
+    assert data.t5_target(data.get_task("stsb"), score, "t5") == expected
+
+
+@pytest.mark.parametrize("score, expected", STSB_LST_TARGETS, ids=[f"{x!r}" for x, _ in STSB_LST_TARGETS])
+def test_lst_target_stsb_rounds_to_0_1(score, expected):
     assert data.t5_target(data.get_task("stsb"), score) == expected
 
 
-@pytest.mark.parametrize("task", sorted(CLASS_NAMES))
-def test_t5_label_round_trips_every_class_through_the_tokenizer(task, tokenizer):
-    spec = data.get_task(task)
-    for i, name in enumerate(CLASS_NAMES[task]):
-        assert data.t5_label(spec, name) == i
-        decoded = tokenizer.decode(ids_of(tokenizer, name))  # e.g. "not _ entailment"
-        assert data.t5_label(spec, decoded) == i, decoded
-
-
-def test_t5_label_stsb_round_trips_every_step(tokenizer):
+def test_lst_targets_of_the_bundled_stsb_labels():
+    # every train label's target is one of 0.0, 0.1, ..., 5.0, and within 0.05 of the label
     spec = data.get_task("stsb")
-    for k in range(26):  # 0.0, 0.2, ..., 5.0
-        target = data.t5_target(spec, k * 0.2)
-        assert target == f"{k // 5}.{2 * (k % 5)}"
+    labels = pq.read_table(data.BUNDLED_DIR / "stsb" / "train.parquet")["label"].to_pylist()
+    targets = [data.t5_target(spec, x) for x in labels]
+    assert set(targets) <= {f"{k // 10}.{k % 10}" for k in range(51)}
+    assert max(abs(float(t) - x) for t, x in zip(targets, labels, strict=True)) <= 0.05 + 1e-6
+    assert targets.count("3.9") == 11 and targets.count("3.8") == 345  # 3.75 (a tie) goes to 3.8
+
+
+@pytest.mark.parametrize("style", data.TARGET_FORMATS)
+@pytest.mark.parametrize("task", sorted(CLASS_NAMES))
+def test_t5_label_round_trips_every_class_through_the_tokenizer(task, style, tokenizer):
+    spec = data.get_task(task)
+    for i in range(spec.num_labels):
+        target = data.t5_target(spec, i, style)
+        assert data.t5_label(spec, target, style) == i
+        decoded = tokenizer.decode(ids_of(tokenizer, target))  # e.g. "not _ entailment"
+        assert data.t5_label(spec, decoded, style) == i, decoded
+        # a class name is no valid "lst" target, an index no valid "t5" one
+        other = "t5" if style == "lst" else "lst"
+        assert data.t5_label(spec, data.t5_target(spec, i, other), style) is None
+
+
+@pytest.mark.parametrize("style, steps, step", [("t5", 26, 0.2), ("lst", 51, 0.1)])
+def test_t5_label_stsb_round_trips_every_step(style, steps, step, tokenizer):
+    spec = data.get_task("stsb")
+    for k in range(steps):  # 0.0, 0.2, ..., 5.0 or 0.0, 0.1, ..., 5.0
+        target = data.t5_target(spec, k * step, style)
+        assert float(target) == pytest.approx(k * step, abs=1e-12) and len(target) == 3
         decoded = tokenizer.decode(ids_of(tokenizer, target))  # e.g. "3. 8"
-        assert data.t5_label(spec, decoded) == pytest.approx(k * 0.2, abs=1e-12)
+        assert data.t5_label(spec, decoded, style) == pytest.approx(k * step, abs=1e-12)
+    for score in (0.0, 2.6, 3.8, 5.0):
+        assert data.t5_label(spec, data.t5_target(spec, score, style), style) == pytest.approx(score, abs=1e-12)
 
 
 def test_t5_label_tolerates_word_piece_spacing():
     rte, mnli = data.get_task("rte"), data.get_task("mnli")
-    assert data.t5_label(rte, "not _ entailment") == 1
-    assert data.t5_label(rte, " entailment \n") == 0
-    assert data.t5_label(mnli, "contra diction") == 2
+    assert data.t5_label(rte, "not _ entailment", "t5") == 1
+    assert data.t5_label(rte, " entailment \n", "t5") == 0
+    assert data.t5_label(mnli, "contra diction", "t5") == 2
+    assert data.t5_label(mnli, " 2 ") == 2
     assert data.t5_label(data.get_task("stsb"), "3. 8") == pytest.approx(3.8)
 
 
-@pytest.mark.parametrize("task, text", [
-    ("rte", ""), ("rte", "entail"), ("rte", "yes"), ("rte", "not entailment x"), ("rte", "neutral"),
-    ("mnli", "not_entailment"), ("sst2", "positive negative"), ("cola", "[UNK]"),
-    ("stsb", ""), ("stsb", "abc"), ("stsb", "3.8.1"), ("stsb", "entailment"),
+@pytest.mark.parametrize("task, text, style", [
+    ("rte", "", "t5"), ("rte", "entail", "t5"), ("rte", "yes", "t5"), ("rte", "not entailment x", "t5"),
+    ("rte", "neutral", "t5"), ("mnli", "not_entailment", "t5"), ("sst2", "positive negative", "t5"),
+    ("cola", "[UNK]", "t5"), ("rte", "", "lst"), ("rte", "2", "lst"), ("rte", "01", "lst"), ("rte", "1.0", "lst"),
+    ("rte", "-1", "lst"), ("mnli", "3", "lst"), ("sst2", "1 0", "lst"), ("cola", "acceptable", "lst"),
+    ("stsb", "", "lst"), ("stsb", "abc", "lst"), ("stsb", "3.8.1", "t5"), ("stsb", "entailment", "lst"),
 ])
-def test_t5_label_junk_is_none(task, text):
-    assert data.t5_label(data.get_task(task), text) is None
+def test_t5_label_junk_is_none(task, text, style):
+    assert data.t5_label(data.get_task(task), text, style) is None
 
 
+@pytest.mark.parametrize("style", data.TARGET_FORMATS)
 @pytest.mark.parametrize("text, value", [("7.5", 5.0), ("5.2", 5.0), ("- 1. 2", 0.0), ("-0.1", 0.0),
                                          ("2.6", 2.6), ("0", 0.0), ("5", 5.0), ("12", 5.0)])
-def test_t5_label_clamps_stsb_to_0_5(text, value):
-    assert data.t5_label(data.get_task("stsb"), text) == pytest.approx(value)
+def test_t5_label_clamps_stsb_to_0_5(text, value, style):
+    assert data.t5_label(data.get_task("stsb"), text, style) == pytest.approx(value)
 
 
 def test_t5_label_nan_is_no_valid_stsb_target(tokenizer):
@@ -337,16 +512,19 @@ def test_encoded_text_to_text_sources_and_targets(tokenizer):
     spec = data.get_task("rte")
     enc = Encoded(rte_rows(), tokenizer, spec, max_length=64, eos_id=SEP)
     assert enc.formulation == "text-to-text" and enc.token_type_ids is None and enc.pad_id == PAD
+    assert enc.target_format == "lst"
     assert enc.input_ids[0] == tokenizer("rte sentence1: A cat sat. sentence2: A cat is sitting.")["input_ids"]
+    assert enc.targets == [ids_of(tokenizer, "0") + [SEP], ids_of(tokenizer, "1") + [SEP]]
+    assert enc.labels.tolist() == [0, 1] and enc.labels.dtype == torch.long
+    t5 = Encoded(rte_rows(), tokenizer, spec, max_length=64, eos_id=SEP, target_format="t5")
+    assert t5.target_format == "t5" and t5.input_ids == enc.input_ids  # RTE's fields are in name order already
     entailment, not_entailment = ids_of(tokenizer, "entailment"), ids_of(tokenizer, "not_entailment")
     assert (len(entailment), len(not_entailment)) == (3, 5)  # word pieces: en ##tail ##ment; not _ ...
-    assert enc.targets == [entailment + [SEP], not_entailment + [SEP]]
-    assert all(t[-1] == SEP for t in enc.targets)
-    assert enc.labels.tolist() == [0, 1] and enc.labels.dtype == torch.long
+    assert t5.targets == [entailment + [SEP], not_entailment + [SEP]]
 
 
 def test_encoded_text_to_text_batch(tokenizer):
-    enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=64, eos_id=SEP)
+    enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=64, eos_id=SEP, target_format="t5")
     inputs, labels = enc.batch([0, 1], torch.device("cpu"))
     assert set(inputs) == {"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"}
     t0, t1 = enc.targets  # 4 and 6 ids
@@ -364,14 +542,24 @@ def test_encoded_text_to_text_batch(tokenizer):
 
 
 def test_encoded_stsb_targets(tokenizer):
-    rows = datasets.Dataset.from_dict({"sentence1": ["a", "b"], "sentence2": ["c", "d"],
-                                       "label": [3.87, 5.0], "idx": [0, 1]})
-    enc = Encoded(rows, tokenizer, data.get_task("stsb"), max_length=16, eos_id=SEP)
+    rows = datasets.Dataset.from_dict({"sentence1": ["a", "b", "c"], "sentence2": ["c", "d", "e"],
+                                       "label": [3.87, 5.0, 0.85], "idx": [0, 1, 2]})
+    spec = data.get_task("stsb")
+    enc = Encoded(rows, tokenizer, spec, max_length=16, eos_id=SEP)
     assert enc.labels.dtype == torch.float32
-    assert enc.targets == [ids_of(tokenizer, "3.8") + [SEP], ids_of(tokenizer, "5.0") + [SEP]]
+    # float32 labels, as LST gets them: 0.85 is float32 0.8500000238... -> "0.9" (float64 0.85 would give "0.8")
+    assert enc.targets == [ids_of(tokenizer, t) + [SEP] for t in ("3.9", "5.0", "0.9")]
+    t5 = Encoded(rows, tokenizer, spec, max_length=16, eos_id=SEP, target_format="t5")
+    assert t5.targets == [ids_of(tokenizer, t) + [SEP] for t in ("3.8", "5.0", "0.8")]
 
 
-    # no weight check: SGD's weights are w - lr*g, fixed by these gradients (and step 2's are taken at them)
+def test_encoded_mnli_sources(tokenizer):
+    row = ROWS["mnli"][0]
+    rows = datasets.Dataset.from_dict({k: [v] for k, v in row.items()})
+    spec = data.get_task("mnli")
+    for style, (source, _) in (("lst", ROWS["mnli"][1]), ("t5", ROWS["mnli"][2])):
+        enc = Encoded(rows, tokenizer, spec, max_length=64, eos_id=SEP, target_format=style)
+        assert enc.input_ids == [tokenizer(source)["input_ids"]]
 
 
 # ---------------------------------------------------------------- Encoded
