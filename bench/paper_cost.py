@@ -10,8 +10,9 @@ Nothing here runs on a GPU: FLOPs are counted, the throughput is assumed. Assump
   step are not counted) on ``random-t5-base``, T5-base's architecture built on the meta device (FLOPs depend only
   on shapes; meta counts equal counts on real tensors), text-to-text as in the paper. Every example is counted at
   ``--seq`` source tokens (default: the profile's ``max_length``, 128; an upper bound, as batches are padded to
-  their longest example) and ``--target`` target tokens, end-of-sequence included (default 2, a label that is one
-  SentencePiece token; longer labels such as "not_entailment" take more).
+  their longest example) and ``--target`` target tokens, end-of-sequence included (default 2: a label of one
+  SentencePiece token, as a class index is; STS-B scores such as "3.8" and class names such as "not_entailment"
+  take more).
 - One run: E epochs over the training split (forward and backward); the validation split scored before training
   and after every epoch (E + 1 times); the test split scored once. Scoring is greedy decoding of ``--target`` steps,
   and ``readlib.train.greedy_decode`` keeps no key/value cache: step t is a full forward pass with a decoder prefix
@@ -31,8 +32,10 @@ Nothing here runs on a GPU: FLOPs are counted, the throughput is assumed. Assump
 - Throughput: ``--tflops`` (peak dense TFLOP/s; default 312, an A100's bf16 tensor peak) x ``--utilization``
   (sustained fraction of the peak, default 0.4), the same for every method (READ's and LST's small side-network
   matmuls likely run at a lower fraction, so their hours are optimistic). V100 (125 TFLOP/s fp16 tensor peak, the
-  paper's GPU) at the same utilization is the last row. GPU-hours = FLOPs / (TFLOP/s x 1e12 x utilization) / 3600 s;
-  N data-parallel GPUs divide the wall time, not the GPU-hours.
+  paper's GPU) at the same utilization is the last row. Both peaks are tensor-core peaks of 16-bit matmuls: runs
+  with ``--precision bf16`` (fp16 on a V100); fp32 matmuls peak at 19.5 TFLOP/s on an A100, 16x slower.
+  GPU-hours = FLOPs / (TFLOP/s x 1e12 x utilization) / 3600 s; N data-parallel GPUs divide the wall time, not the
+  GPU-hours.
 
 Output, printed and written to ``outputs/tables/`` (CSV, Markdown, LaTeX): ``paper_cost_gflop`` (GFLOP per example
 per method: training per epoch, READ's cache fill per run, one scoring pass) and ``paper_cost_hours_<E>_epochs``
