@@ -1,5 +1,6 @@
 """readlib.costs: saved-tensor bytes, parameter bytes, energy, FLOPs, latency and memory by phase, by hand."""
 
+import socket
 import sys
 import time
 import types
@@ -121,24 +122,38 @@ def test_energy_meter_says_why_nothing_was_measured_here(monkeypatch, tmp_path):
     assert result["rapl"] == {"kwh": None, "reason": f"no {tmp_path / 'powercap'} on this machine"}
 
 
-class FakeNvml(types.ModuleType):
-    """Two GPUs replaying a recorded utilisation trace; energy counters in mJ."""
+UUIDS = ["GPU-0a1b2c3d-0000-4000-8000-000000000000", "GPU-0a1b2c3d-1111-4000-8000-000000000000",
+         "GPU-5e6f7a8b-2222-4000-8000-000000000000", "GPU-9c0d1e2f-3333-4000-8000-000000000000"]
 
-    def __init__(self, trace):
+
+class FakeNvml(types.ModuleType):
+    """GPUs replaying a recorded utilisation trace. GPU i's energy counter (mJ) moves by (i + 1) * 0.1 Wh per
+    read, so a reading says which GPUs were read; ``reads`` counts the counter reads per GPU."""
+
+    def __init__(self, trace=(), uuids=UUIDS[:2], names=None):
         super().__init__("pynvml")
-        self.trace, self.energy = list(trace), [1_000_000, 5_000_000]
+        self.trace, self.uuids, self.names = list(trace), uuids, names or ["NVIDIA H100"] * len(uuids)
+        self.energy = [1_000_000 * (i + 1) for i in range(len(uuids))]
+        self.reads = [0] * len(uuids)
 
     def nvmlInit(self):
         pass
 
     def nvmlDeviceGetCount(self):
-        return 2
+        return len(self.uuids)
 
     def nvmlDeviceGetHandleByIndex(self, i):
         return i
 
+    def nvmlDeviceGetUUID(self, h):
+        return self.uuids[h]
+
+    def nvmlDeviceGetName(self, h):
+        return self.names[h]
+
     def nvmlDeviceGetTotalEnergyConsumption(self, h):
-        self.energy[h] += 360_000  # 0.1 Wh per read
+        self.reads[h] += 1
+        self.energy[h] += (h + 1) * 360_000
         return self.energy[h]
 
     def nvmlDeviceGetUtilizationRates(self, h):
@@ -159,12 +174,160 @@ def test_energy_meter_reads_nvml_and_rapl_side_by_side(monkeypatch, tmp_path):
         time.sleep(0.18)
         (package / "energy_uj").write_text(str(1000 + 7_200_000_000))  # 2 Wh
     result = meter.result()
-    assert result["nvml_counter"] == {"kwh": 2 * 360_000 / 3.6e9}  # each GPU's counter moved by 0.1 Wh
+    assert result["nvml_counter"] == {"kwh": (1 + 2) * 360_000 / 3.6e9, "gpus": UUIDS[:2]}  # 0.1 Wh + 0.2 Wh
     n = result["paper_eq4"]["samples"]
     assert n == len(meter.samples) >= 2
     assert meter.samples == [100, 200, 100][:n] + [0] * (n - 3)  # summed over the two GPUs, in order
     assert result["paper_eq4"]["kwh"] == costs.paper_energy_kwh(meter.samples, 0.05, 0.3)
-    assert result["rapl"] == {"kwh": 7_200_000_000 / 3.6e12}
+    assert result["rapl"] == {"kwh": 7_200_000_000 / 3.6e12, "host": socket.gethostname()}
+
+
+# ---------------------------------------------------------------- energy of one process among several
+
+
+@pytest.fixture
+def no_cuda_env(monkeypatch):
+    for name in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK", "CUDA_DEVICE_ORDER"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_nvml_indices_of_plain_devices(no_cuda_env):
+    nvml = FakeNvml(uuids=UUIDS)
+    assert costs.nvml_indices("cuda:2", nvml) == [2]
+    assert costs.nvml_indices(torch.device("cuda", 3), nvml) == [3]
+    assert costs.nvml_indices("cuda", nvml) == [0]  # no LOCAL_RANK, CUDA not started: GPU 0
+    assert costs.nvml_indices("cpu", nvml) == costs.nvml_indices("meta", None) == []
+    with pytest.raises(ValueError, match="only 4 are visible"):
+        costs.nvml_indices("cuda:4", nvml)
+
+
+def test_nvml_indices_under_cuda_visible_devices_and_local_rank(no_cuda_env):
+    nvml = FakeNvml(uuids=UUIDS)
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # CUDA sees two GPUs; NVML still numbers all four
+    assert [costs.nvml_indices(f"cuda:{i}", nvml) for i in (0, 1)] == [[2], [3]]
+    assert costs.nvml_indices("cuda", nvml) == [2]
+    no_cuda_env.setenv("LOCAL_RANK", "1")  # torchrun's second process on this machine
+    assert costs.nvml_indices("cuda", nvml) == [3]
+    no_cuda_env.setattr(torch.cuda, "is_initialized", lambda: True)  # once CUDA runs, its current device decides
+    no_cuda_env.setattr(torch.cuda, "current_device", lambda: 0)
+    assert costs.nvml_indices("cuda", nvml) == [2]
+    with pytest.raises(ValueError, match=r"cuda:2 is CUDA GPU 2, but only 2 are visible \(CUDA_VISIBLE_DEVICES='2,3'"):
+        costs.nvml_indices("cuda:2", nvml)
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", "1,7")
+    with pytest.raises(ValueError, match="entry '7' is none of NVML's 4 GPUs"):
+        costs.nvml_indices("cuda:1", nvml)
+
+
+def test_nvml_indices_of_uuids_and_their_prefixes(no_cuda_env):
+    nvml = FakeNvml(uuids=UUIDS)
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", f"{UUIDS[3]},GPU-5e6f,GPU-0a1b2c3d-1")  # full, prefix, prefix
+    assert [costs.nvml_indices(f"cuda:{i}", nvml) for i in range(3)] == [[3], [2], [1]]
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", "GPU-0a1b2c3d,GPU-ffff")  # the first two share this prefix
+    with pytest.raises(ValueError, match="entry GPU-0a1b2c3d names 2 of NVML's GPUs"):
+        costs.nvml_indices("cuda:0", nvml)
+    with pytest.raises(ValueError, match="entry GPU-ffff names 0"):
+        costs.nvml_indices("cuda:1", nvml)
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", "MIG-4f1c2d3e-aaaa-5000-9000-000000000000")
+    with pytest.raises(ValueError, match="is MIG instance MIG-4f1c.*cover its whole GPU"):
+        costs.nvml_indices("cuda:0", nvml)
+
+
+def test_nvml_indices_refuse_mixed_models_in_fastest_first_order(no_cuda_env):
+    nvml = FakeNvml(uuids=UUIDS[:2], names=["NVIDIA A100", "NVIDIA T4"])
+    with pytest.raises(ValueError, match=r"GPU models mixed \(NVIDIA A100, NVIDIA T4\).*CUDA_DEVICE_ORDER"):
+        costs.nvml_indices("cuda:1", nvml)
+    assert costs.nvml_indices("cuda:0", FakeNvml(uuids=UUIDS[:2])) == [0]  # one model: both orders agree
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", UUIDS[1])  # named by UUID: no order involved
+    assert costs.nvml_indices("cuda:0", nvml) == [1]
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    no_cuda_env.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA numbers as NVML does
+    assert costs.nvml_indices("cuda:0", nvml) == [1]
+
+
+def test_energy_meter_of_one_device_reads_only_its_gpu(no_cuda_env, tmp_path):
+    fake = FakeNvml([30, 50, 70], uuids=UUIDS)
+    no_cuda_env.setitem(sys.modules, "pynvml", fake)
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with costs.EnergyMeter(interval_s=0.05, device="cuda:1", rapl_root=tmp_path / "none") as meter:
+        time.sleep(0.18)
+    result = meter.result()
+    assert fake.reads == [0, 0, 0, 2]  # NVML GPU 3's counter, at the start and at the end
+    assert result["nvml_counter"] == {"kwh": 4 * 360_000 / 3.6e9, "gpus": [UUIDS[3]]}  # 0.4 Wh: GPU 3's step
+    n = result["paper_eq4"]["samples"]
+    assert meter.samples == [30, 50, 70][:n] + [0] * (n - 3) and n >= 2  # one GPU: one sample per tick
+
+
+def test_energy_meter_says_why_a_device_was_not_metered(no_cuda_env, tmp_path):
+    no_cuda_env.setitem(sys.modules, "pynvml", None)  # a CPU run needs no NVML
+    with costs.EnergyMeter(interval_s=60, device=torch.device("cpu"), rapl_root=tmp_path) as meter:
+        pass
+    assert meter.result()["nvml_counter"] == {"kwh": None, "reason": "no GPU metered: the run is on cpu"}
+    no_cuda_env.setitem(sys.modules, "pynvml", FakeNvml())
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", "MIG-4f1c2d3e-aaaa-5000-9000-000000000000")
+    with costs.EnergyMeter(interval_s=60, device="cuda:0", rapl_root=tmp_path) as meter:
+        pass
+    result = meter.result()
+    assert result["nvml_counter"] == result["paper_eq4"]
+    assert result["nvml_counter"]["reason"].startswith("cuda:0 not metered: cuda:0 is MIG instance MIG-4f1c")
+    with pytest.raises(ValueError, match="not both"):
+        costs.EnergyMeter(gpus=[0], device="cuda:0")
+
+
+def energy(kwh, gpus=(), host="node-a", seconds=10.0):
+    """An EnergyMeter result with the given kWh per source (None: not measured, reason "no <source>")."""
+    out = {"seconds": seconds, "interval_s": 60.0, "p0_kw": 0.25}
+    for source, value in zip(("nvml_counter", "paper_eq4", "rapl"), kwh, strict=True):
+        scope = {"host": host} if source == "rapl" else {"gpus": list(gpus)}
+        out[source] = {"kwh": value} | scope if value is not None else {"kwh": None, "reason": f"no {source}"}
+    return out
+
+
+def test_sum_energy_sums_gpus_and_counts_each_machine_once():
+    ranks = [energy((0.25, 0.5, 0.0625), ["GPU-a"], "node-a", 10.0),
+             energy((0.125, 0.25, 0.125), ["GPU-b"], "node-a", 12.5),  # same machine: RAPL read the same packages
+             energy((0.5, 0.125, 0.25), ["GPU-c"], "node-b", 11.0)]
+    total = costs.sum_energy(ranks)
+    assert (total["seconds"], total["interval_s"], total["p0_kw"]) == (12.5, 60.0, 0.25)
+    assert total["nvml_counter"] == {"kwh": 0.875, "ranks": [r["nvml_counter"] for r in ranks]}
+    assert total["paper_eq4"]["kwh"] == 0.875
+    assert total["rapl"] == {"kwh": 0.125 + 0.25, "hosts": ["node-a", "node-b"], "ranks": [r["rapl"] for r in ranks]}
+    assert costs.sum_energy(ranks[:1])["nvml_counter"] == {"kwh": 0.25, "ranks": [ranks[0]["nvml_counter"]]}
+
+
+def test_sum_energy_gives_reasons_not_partial_sums():
+    ranks = [energy((None, 0.5, None), ["GPU-a"]), energy((0.5, 0.5, None), ["GPU-b"]),
+             energy((None, 0.25, 0.5), ["GPU-c"])]
+    total = costs.sum_energy(ranks)
+    assert total["nvml_counter"] == {"kwh": None, "reason": "ranks 0, 2: no nvml_counter",
+                                     "ranks": [r["nvml_counter"] for r in ranks]}
+    assert total["rapl"]["kwh"] is None and total["rapl"]["reason"] == "ranks 0, 1: no rapl"
+    assert total["paper_eq4"]["kwh"] == 1.25
+    every_gpu = [energy((0.5, 0.5, 0.5), ["GPU-a", "GPU-b"]), energy((0.5, 0.5, 0.5), ["GPU-a", "GPU-b"])]
+    shared = costs.sum_energy(every_gpu)  # each process metered every GPU: a sum would count each twice
+    assert shared["nvml_counter"]["kwh"] is None
+    assert shared["paper_eq4"]["reason"] == "ranks 0 and 1 both metered GPU-a: a sum would count it twice"
+    with pytest.raises(ValueError, match="different"):
+        costs.sum_energy([energy((1.0, 1.0, 1.0)), energy((1.0, 1.0, 1.0)) | {"interval_s": 30.0}])
+    with pytest.raises(ValueError, match="at least one"):
+        costs.sum_energy([])
+
+
+def test_sum_energy_of_two_metered_processes(no_cuda_env, tmp_path):
+    fake = FakeNvml(uuids=UUIDS)
+    no_cuda_env.setitem(sys.modules, "pynvml", fake)
+    no_cuda_env.setenv("CUDA_VISIBLE_DEVICES", "1,2")
+    results = []
+    for rank in ("0", "1"):  # torchrun's two processes, metered one after the other
+        no_cuda_env.setenv("LOCAL_RANK", rank)
+        with costs.EnergyMeter(interval_s=60, device="cuda", rapl_root=tmp_path / "none") as meter:
+            pass
+        results.append(meter.result())
+    total = costs.sum_energy(results)
+    assert [r["nvml_counter"]["gpus"] for r in results] == [[UUIDS[1]], [UUIDS[2]]]
+    assert [r["kwh"] for r in total["nvml_counter"]["ranks"]] == [2 * 360_000 / 3.6e9, 3 * 360_000 / 3.6e9]
+    assert total["nvml_counter"]["kwh"] == pytest.approx(5 * 360_000 / 3.6e9, rel=1e-12)  # 0.5 Wh
+    assert total["paper_eq4"]["kwh"] == 0.0  # no sampling tick in so short a run
 
 
 # ---------------------------------------------------------------- FLOPs and latency
@@ -182,6 +345,25 @@ def test_cpu_sdpa_flops_equal_eager_attention():
     eager = costs.count_flops(lambda: torch.softmax(q @ q.transpose(-1, -2) / 8**0.5, -1) @ q)
     sdpa = costs.count_flops(lambda: nn.functional.scaled_dot_product_attention(q, q, q))
     assert eager == sdpa == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # Q K^T and P V, 2 FLOPs per multiply-add
+
+
+def test_interleaved_latency_takes_turns():
+    now, order = [0.0], []
+    durations = {"A": [8, 8, 1, 5, 2], "B": [8, 8, 4, 4, 100], "C": [8, 8, 0.5, 0.25, 0.5]}  # 2 warm-up, 3 timed
+
+    def call(name):
+        def fn():
+            order.append(name)
+            now[0] += durations[name].pop(0)  # seconds on the fake clock
+
+        return fn
+
+    result = costs.interleaved_latency({n: call(n) for n in "ABC"}, warmup=2, repeats=3, clock=lambda: now[0])
+    assert "".join(order) == "AABBCC" + "ABC" * 3  # each warmed up, then one call of each per round
+    assert {n: r["times_s"] for n, r in result.items()} == {"A": [1, 5, 2], "B": [4, 4, 100], "C": [0.5, 0.25, 0.5]}
+    assert {n: r["median_s"] for n, r in result.items()} == {"A": 2, "B": 4, "C": 0.5}
+    times = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0, 6.0, 10.0])  # an even count: the mean of the middle two
+    assert costs.interleaved_latency({"A": lambda: None}, 0, 4, clock=lambda: next(times))["A"]["median_s"] == 2.5
 
 
 def test_latency_is_the_median_of_timed_calls():
@@ -230,3 +412,73 @@ def test_phase_memory_of_a_linear_layer_by_hand():
     assert list(out["cumulative"].values()) == sorted(out["cumulative"].values())
     assert out["cumulative"]["optimizer"] == max(out["peak"].values())
     assert _linear_step("meta")["peak"] == out["peak"]  # shapes alone decide it
+    assert out["peak_reserved"] is None and out["reserved_reason"] == "not measured: no caching allocator on cpu"
+
+
+MIB = 2**20
+
+
+class FakeCudaAllocator:
+    """torch.cuda's memory statistics of a caching allocator that reserves whole 2 MiB blocks and keeps them."""
+
+    def __init__(self, allocated):
+        self.allocated = self.peak = allocated
+        self.reserved = self.peak_reserved = -(-allocated // (2 * MIB)) * 2 * MIB
+
+    def malloc(self, n):
+        self.allocated += n
+        self.reserved = max(self.reserved, -(-self.allocated // (2 * MIB)) * 2 * MIB)
+        self.peak, self.peak_reserved = max(self.peak, self.allocated), max(self.peak_reserved, self.reserved)
+
+    def free(self, n):
+        self.allocated -= n  # the block stays reserved, cached for the next allocation
+
+    def reset_peak_memory_stats(self, device):
+        self.peak, self.peak_reserved = self.allocated, self.reserved
+
+    def patch(self, monkeypatch):
+        stats = {"memory_allocated": "allocated", "max_memory_allocated": "peak", "memory_reserved": "reserved",
+                 "max_memory_reserved": "peak_reserved"}
+        for function, attribute in stats.items():
+            monkeypatch.setattr(torch.cuda, function, lambda device, a=attribute: getattr(self, a))
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset_peak_memory_stats)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device: None)
+
+
+class OnCuda(nn.Module):
+    """A model whose parameters report a GPU (phase_memory reads only their device)."""
+
+    def parameters(self, recurse=True):
+        yield types.SimpleNamespace(device=torch.device("cuda", 0))
+
+
+def test_phase_memory_on_cuda_records_reserved_beside_allocated(monkeypatch):
+    gpu = FakeCudaAllocator(1 * MIB)  # the weights
+    gpu.patch(monkeypatch)
+
+    def forward():  # 3 MiB of activations, kept for backward only when gradients are on
+        gpu.malloc(3 * MIB)
+        if not torch.is_grad_enabled():
+            gpu.free(3 * MIB)
+        return types.SimpleNamespace(backward=lambda: (gpu.free(3 * MIB), gpu.malloc(1 * MIB)))  # + gradients
+
+    out = costs.phase_memory(OnCuda(), forward, types.SimpleNamespace(step=lambda: gpu.malloc(5 * MIB)))
+    in_mib = {name: {p: v / MIB for p, v in out[name].items()} for name in ("peak", "after", "peak_reserved")}
+    assert in_mib["peak"] == {"weights": 1, "forward_no_grad": 4, "forward": 4, "backward": 4, "optimizer": 7}
+    assert in_mib["after"] == {"weights": 1, "forward_no_grad": 1, "forward": 4, "backward": 2, "optimizer": 7}
+    # blocks of 2 MiB, never returned: backward holds 2 MiB of tensors in 4 MiB reserved; 7 MiB need 8
+    assert in_mib["peak_reserved"] == {"weights": 2, "forward_no_grad": 4, "forward": 4, "backward": 4, "optimizer": 8}
+    assert out["source"] == "torch.cuda.max_memory_allocated" and "reserved_reason" not in out
+
+
+def test_training_memory_records_the_cuda_peaks(monkeypatch):
+    layer = nn.Linear(4, 2)  # 10 parameters
+    optimizer = torch.optim.AdamW(layer.parameters())
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * MIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 4 * MIB)
+    out = costs.training_memory(layer, optimizer, 64, 2, torch.device("cuda", 0))
+    assert (out["cuda_peak_bytes"], out["cuda_peak_reserved_bytes"]) == (3 * MIB, 4 * MIB)
+    assert out["accounted_total"] == 40 + 64 + 40 + 0  # no AdamW state before its first step
+    on_cpu = costs.training_memory(layer, optimizer, 64, 2, torch.device("cpu"))
+    assert on_cpu["cuda_peak_bytes"] is None and on_cpu["cuda_peak_reserved_bytes"] is None
+    assert on_cpu["cuda_reason"] == "not measured: the run was on cpu"
