@@ -9,6 +9,7 @@ numbers depend on shapes only. Tables come with the papers' numbers from ``readl
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import pandas as pd
@@ -187,16 +188,20 @@ def training_memory_by_size(sizes: list[str], names: list[str], batch: int, seq:
 
 def latency_by_size(sizes: list[str], names: list[str], seq: int, target: int, repeats: int) -> pd.DataFrame:
     """READ Figure 6 / Table 4: median inference latency (s) of one forward pass at batch 1 per method and size,
-    on this machine with random weights (``costs.latency``, 2 warm-up calls)."""
+    on this machine with random weights. Per size the methods' models are built side by side (memory: all of them
+    at once) and timed on the same batch by ``costs.interleaved_latency`` (2 warm-up calls each, then ``repeats``
+    rounds of one call per method), so that the machine's drift does not favour the method timed last."""
     rows = []
     for size in sizes:
-        for name in names:
+        models = {}
+        for name in names:  # a fresh backbone each: several methods change it in place
             torch.manual_seed(0)
-            model = methods.build(name, backbones.load(f"random-t5-{size}"), 2).eval()
-            inputs = _t5_inputs(1, seq, target)
-            with torch.no_grad():
-                timing = costs.latency(lambda: model(**inputs), warmup=2, repeats=repeats)  # noqa: B023
-            rows.append({"backbone": size, "method": name, "latency_s": timing["median_s"]})
+            models[name] = methods.build(name, backbones.load(f"random-t5-{size}"), 2).eval()
+        inputs = _t5_inputs(1, seq, target)
+        with torch.no_grad():
+            calls = {name: functools.partial(model, **inputs) for name, model in models.items()}
+            timing = costs.interleaved_latency(calls, warmup=2, repeats=repeats)
+        rows += [{"backbone": size, "method": name, "latency_s": timing[name]["median_s"]} for name in names]
     return pd.DataFrame(rows, columns=["backbone", "method", "latency_s"])
 
 

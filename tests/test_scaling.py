@@ -97,3 +97,25 @@ def test_table4_puts_ratios_to_full_beside_the_papers():
     assert list(table["memory_vs_full"]) == [1.0, 0.25, 0.125]
     assert table.loc["read", "paper_memory_vs_full"] == paper.READ_TABLE4["read"]["memory_gb"] / 17.86
     assert table.loc["lst", "paper_params_M"] == 5.04 and "latency_s" not in table
+
+
+def test_latency_by_size_times_the_methods_in_turn_on_one_batch(monkeypatch):
+    calls, order = [], []
+    timed = costs.interleaved_latency
+
+    def spy(fns, warmup, repeats):
+        calls.append(fns)
+
+        def logged(name, fn):
+            return lambda: (order.append(name), fn())
+
+        return timed({name: logged(name, fn) for name, fn in fns.items()}, warmup, repeats)
+
+    monkeypatch.setattr(costs, "interleaved_latency", spy)
+    table = scaling.latency_by_size(["tiny"], ["full", "lst", "read"], seq=8, target=2, repeats=3)
+    assert len(calls) == 1 and list(calls[0]) == ["full", "lst", "read"]  # one measurement of the three together
+    assert order == ["full"] * 2 + ["lst"] * 2 + ["read"] * 2 + ["full", "lst", "read"] * 3  # warm-up, then turns
+    batches = [fn.keywords for fn in calls[0].values()]
+    assert all(b["input_ids"] is batches[0]["input_ids"] and b["input_ids"].shape == (1, 8) for b in batches)
+    assert list(table.method) == ["full", "lst", "read"] and list(table.backbone) == ["tiny"] * 3
+    assert (table.latency_s > 0).all()  # timings of real models: only that they were measured
