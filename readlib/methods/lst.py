@@ -121,12 +121,21 @@ class SideNetwork(nn.Module):
 
 
 class T5Side(SideNetwork):
-    """Side T5 stack: attention masks are additive [batch, 1, q, k]; ``bias`` is the backbone's relative bias."""
+    """Side T5 stack: attention masks are additive [batch, 1, q, k]. The first side block that exists owns the
+    stack's trainable relative-position-bias table and every side block adds its bias, as T5 shares block 0's table
+    (LST's code: ``first_available_layer`` owns it, ``side_position_bias`` is passed on)."""
+
+    def relative_bias(self, n: int, device: torch.device) -> torch.Tensor:
+        """Self-attention bias [1, heads, n, n] from the side's own table (decoder stacks: causal buckets)."""
+        return self.blocks[0].layer[0].SelfAttention.compute_bias(n, n, device=device)
+
+    def forward(self, phi: list[torch.Tensor], mask=None, memory=None, memory_mask=None) -> torch.Tensor:
+        bias = self.relative_bias(phi[0].shape[1], phi[0].device)  # computed once: every block's gradient reaches it
+        return super().forward(phi, mask=mask, bias=bias, memory=memory, memory_mask=memory_mask)
 
     def block(self, j: int, h: torch.Tensor, mask=None, bias=None, memory=None, memory_mask=None) -> torch.Tensor:
-        own = self.blocks[j].layer[0].SelfAttention.has_relative_attention_bias  # side block 0 has its own table
-        return self.blocks[j](h, attention_mask=mask, position_bias=None if own else bias,
-                              encoder_hidden_states=memory, encoder_attention_mask=memory_mask)[0]
+        return self.blocks[j](h, attention_mask=mask, position_bias=bias, encoder_hidden_states=memory,
+                              encoder_attention_mask=memory_mask)[0]
 
 
 class BertSide(SideNetwork):
@@ -211,7 +220,8 @@ def t5_side(stack: nn.Module, config: Config) -> T5Side:
     for name in ("d_model", "d_kv", "d_ff"):  # floor division, as LST's code; the head count is kept
         setattr(side_config, name, getattr(stack.config, name) // config.reduction)
     layers = side_layers(len(stack.block), config.drop_every)
-    blocks = [T5Block(side_config, has_relative_attention_bias=i == 0, layer_idx=i) for i in layers]
+    # the first side block owns the table even when layer dropping removed side block 0 (LST: first_available_layer)
+    blocks = [T5Block(side_config, has_relative_attention_bias=j == 0, layer_idx=i) for j, i in enumerate(layers)]
     final = nn.Sequential(T5LayerNorm(side_config.d_model, eps=side_config.layer_norm_epsilon),
                           nn.Dropout(side_config.dropout_rate))
     return T5Side(stack.config.d_model, side_config.d_model, layers, blocks, final, side_config.dropout_rate,
@@ -238,7 +248,10 @@ def prune_t5(stack: nn.Module, side: T5Side, cols: torch.Tensor) -> torch.Tensor
 
     ``cols``: the residual dimensions kept so far; returns those kept after the stack (the chain continues from
     the encoder into the decoder, as in LST's code). Dropped layers are pruned too: they carry the chain.
+    The first side block's relative-bias table is the backbone's block-0 table, whole (heads are kept), whichever
+    backbone layer that side block sits beside (LST's run_seq2seq.py loads it from ``block.0``).
     """
+    table = stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight
     width = side.first_down.out_features
     inner = side.blocks[0].layer[0].SelfAttention.inner_dim
     ff_width = side.blocks[0].layer[-1].DenseReluDense.wo.in_features
@@ -258,10 +271,11 @@ def prune_t5(stack: nn.Module, side: T5Side, cols: torch.Tensor) -> torch.Tensor
             qkv, heads = _prune_group([attn.q.weight, attn.k.weight, attn.v.weight], cols, inner)
             (o,), cols = _prune_group([attn.o.weight], heads, width)
             state |= {f"{prefix}.{m}.weight": w for m, w in zip("qkvo", [*qkv, o], strict=True)}
-            if attn.has_relative_attention_bias:  # block 0's table: heads are kept, so it is copied whole
-                state[f"{prefix}.relative_attention_bias.weight"] = attn.relative_attention_bias.weight
         if i in side.layers:
-            side.blocks[side.layers.index(i)].load_state_dict(state)
+            j = side.layers.index(i)
+            if j == 0:
+                state["layer.0.SelfAttention.relative_attention_bias.weight"] = table
+            side.blocks[j].load_state_dict(state)
     side.final[0].load_state_dict({"weight": stack.final_layer_norm.weight[cols]})
     return cols
 
@@ -312,13 +326,6 @@ def t5_states(stack: nn.Module, input_ids: torch.Tensor, **kwargs) -> tuple[list
     return [stack.embed_tokens(input_ids), *outputs], last
 
 
-def t5_context(stack: nn.Module, keep: torch.Tensor, dtype: torch.dtype) -> dict:
-    """Self-attention mask and the backbone's relative position bias [1, heads, q, k] for a T5 side stack."""
-    n = keep.shape[-1]
-    bias = stack.block[0].layer[0].SelfAttention.compute_bias(n, n, device=keep.device).to(dtype)
-    return {"mask": additive_mask(keep, dtype), "bias": bias}
-
-
 # ---------------------------------------------------------------- the methods' models
 
 
@@ -347,11 +354,10 @@ class LSTEncoder(FrozenBackbone):
         with torch.no_grad():  # the backbone's states are constants for the side network
             if self.t5:
                 phi, _ = t5_states(self.frozen.encoder, input_ids, attention_mask=attention_mask)
-                context = t5_context(self.frozen.encoder, attention_mask[:, None], dtype)
             else:
                 phi = self.backbone.hidden_states(input_ids, attention_mask, token_type_ids)
-                context = {"mask": additive_mask(attention_mask[:, None], dtype)}
-        return self.head(self.up(self.side(list(phi), **context)), attention_mask)
+        mask = additive_mask(attention_mask[:, None], dtype)
+        return self.head(self.up(self.side(list(phi), mask=mask)), attention_mask)
 
 
 class LSTSeq2Seq(FrozenBackbone):
@@ -378,11 +384,9 @@ class LSTSeq2Seq(FrozenBackbone):
             phi_e, memory = t5_states(t5.encoder, input_ids, attention_mask=attention_mask)
             phi_d, _ = t5_states(t5.decoder, decoder_input_ids, attention_mask=decoder_attention_mask,
                                  encoder_hidden_states=memory, encoder_attention_mask=attention_mask)
-            encoder_context = t5_context(t5.encoder, attention_mask[:, None], dtype)
-            decoder_context = t5_context(t5.decoder, causal, dtype)
-        h_e = self.side_encoder(phi_e, **encoder_context)
-        memory_mask = additive_mask(attention_mask[:, None], dtype)
-        h_d = self.side_decoder(phi_d, **decoder_context, memory=h_e, memory_mask=memory_mask)
+        source_mask = additive_mask(attention_mask[:, None], dtype)
+        h_e = self.side_encoder(phi_e, mask=source_mask)
+        h_d = self.side_decoder(phi_d, mask=additive_mask(causal, dtype), memory=h_e, memory_mask=source_mask)
         return lm_logits(t5, self.up(h_d))  # the side decoder's output alone, through the frozen LM head
 
 

@@ -4,6 +4,8 @@ save/load, training and the training loop.
 MiniLM is deep-copied per model (the session fixture stays untouched); the tiny T5s are loaded fresh.
 """
 
+import functools
+
 import pytest
 import torch
 from helpers import VOCAB, assert_restores, encode, own_copy, randomize, t5_batch, train_steps
@@ -20,6 +22,7 @@ D, FFN, LAYERS = 384, 1536, 6
 
 
 T5_D, T5_HEADS, T5_KV, T5_FFN, T5_LAYERS = 64, 4, 16, 128, 2
+BUCKETS = 32  # T5's relative_attention_num_buckets: a relative-bias table is [buckets, heads]
 
 
 def build(path, minilm, args=None, num_labels=2, seed=0):
@@ -61,7 +64,8 @@ def t5_side(d, heads, kv, ff, r, kept, decoder):
     block = attention + s + 2 * s * f + s  # + layer norm, FFN wi wo, layer norm
     if decoder:
         block += attention + s  # cross-attention and its layer norm
-    return kept * block + ladders(d, s, kept) + s  # + the side stack's final layer norm
+    # + the first side block's relative-bias table, the ladders and gates, the side stack's final layer norm
+    return kept * block + BUCKETS * heads + ladders(d, s, kept) + s
 
 
 def t5_tiny(r=8, kept=1, seq2seq=True, num_labels=2):
@@ -71,19 +75,31 @@ def t5_tiny(r=8, kept=1, seq2seq=True, num_labels=2):
     return enc + t5_side(T5_D, T5_HEADS, T5_KV, T5_FFN, r, kept, decoder=True) + linear(T5_D // r, T5_D)
 
 
-def t5_base(kept):
-    side = sum(t5_side(768, 12, 64, 3072, 8, kept, decoder) for decoder in (False, True))
-    return side + linear(96, 768)
+def t5_base(kept, r=8):
+    side = sum(t5_side(768, 12, 64, 3072, r, kept, decoder) for decoder in (False, True))
+    return side + linear(768 // r, 768)
 
 
 def test_formulas_by_number():
     assert bert_side(8, 4) + linear(D, 2) == 225_078  # MiniLM: side layers 1, 2, 3, 5 of 6
-    assert t5_tiny() == 3_994 and t5_tiny(seq2seq=False, num_labels=3) == 2_348
-    # T5-base, r = 8 (side width 96): LST's layer dropping keeps 9 + 9 side blocks; 3,877,938 / 222,903,552 =
-    # LST's 1.74 % (LST Table 1). All 12 + 12 plus side block 0's relative-bias tables (2 x 32 buckets x 12 heads):
-    # 5,097,240, READ Table 4's 5.04 M re-implementation + 1.1 %.
-    assert t5_base(9) == 3_877_938
-    assert t5_base(12) + 2 * 32 * 12 == 5_097_240
+    assert t5_tiny() == 4_250 and t5_tiny(seq2seq=False, num_labels=3) == 2_476
+    # the two relative-bias tables (32 buckets x 12 heads each) are 768 of T5-base's counts
+    assert t5_base(9) == 3_877_938 + 2 * 32 * 12 == 3_878_706
+    # LST's code (r = 8, side layers [1,2,3,5,6,7,9,10,11]) also builds the 2 x 3 gates of dropped layers and
+    # divides by T5-base after resizing to the tokenizer's 32,100 tokens (utils.py modify_model_after_init):
+    # 1.74 %, LST Table 1
+    t5_base_lst = 222_903_552 - (32_128 - 32_100) * 768
+    assert t5_base_lst == 222_882_048 and round(100 * (t5_base(9) + 2 * 3) / t5_base_lst, 2) == 1.74
+    # READ Table 4 (5.04 M / 2.00 %): no layer dropping at READ Table 7's side dim 96 is the nearest LST
+    # configuration, 5,097,240 = 5.04 M + 1.1 %; dropping gives 3.88 M (- 23 %)
+    assert t5_base(12) == 5_097_240 and round(t5_base(12) / 5.04e6 - 1, 3) == 0.011
+    # READ's percentages divide by T5-base with its LM head counted apart from the embedding (Table 4, full
+    # tuning: 247.58 M): READ's own 1.97 M is 0.80 % there, but 5.04 M would be 2.04 %, not the 2.00 % printed
+    t5_base_untied = 222_903_552 + 32_128 * 768
+    assert round(t5_base_untied / 1e6, 2) == 247.58 and round(100 * 1.97e6 / t5_base_untied, 2) == 0.80
+    assert round(100 * 5.04e6 / t5_base_untied, 2) == 2.04
+    # Table 7's other side dims, 64 and 128 (r = 12, 6), without dropping
+    assert (t5_base(12, r=12), t5_base(12, r=6)) == (2_673_688, 8_024_600)
 
 
 @pytest.mark.parametrize("args, num_labels, expected", [
@@ -101,7 +117,7 @@ def test_minilm_trainable_count_formula(minilm, args, num_labels, expected):
 @pytest.mark.parametrize("args, seq2seq, expected", [
     ({}, True, t5_tiny()),
     ({"reduction": 4}, True, t5_tiny(r=4)),
-    ({"drop_every": 0}, True, t5_tiny(kept=2) + 2 * 32 * T5_HEADS),  # side block 0 owns a relative-bias table
+    ({"drop_every": 0}, True, t5_tiny(kept=2)),
     ({}, False, t5_tiny(seq2seq=False)),
 ])
 def test_t5_tiny_trainable_count_formula(args, seq2seq, expected):
@@ -111,13 +127,20 @@ def test_t5_tiny_trainable_count_formula(args, seq2seq, expected):
     assert methods.count_parameters(model) == (expected, frozen + expected)
 
 
-@pytest.mark.parametrize("args, expected", [({}, 3_877_938), ({"drop_every": 0}, 5_097_240)])
-def test_t5_base_count_on_the_meta_device(args, expected):
+@pytest.mark.parametrize("args, expected, kept", [
+    ({}, 3_878_706, 9),
+    ({"drop_every": 0}, 5_097_240, 12),  # the paper profile's LST (READ Table 4: 5.04 M)
+    ({"drop_every": 0, "reduction": 12}, 2_673_688, 12),  # READ Table 7's side dim 64
+    ({"drop_every": 0, "reduction": 6}, 8_024_600, 12),  # and 128
+])
+def test_t5_base_count_on_the_meta_device(args, expected, kept):
     bb = backbones.load("random-t5-base", meta=True)
     model = methods.build("lst", bb, 2, args)  # pruned initialisation runs on the meta device too
     assert methods.count_parameters(model)[0] == expected
-    assert model.up.weight.is_meta and [len(s.layers) for s in (model.side_encoder, model.side_decoder)] == [
-        12 if args else 9] * 2
+    assert model.up.weight.is_meta and [len(s.layers) for s in (model.side_encoder, model.side_decoder)] == [kept] * 2
+    tables = [n for n, p in model.named_parameters() if p.requires_grad and "relative_attention_bias" in n]
+    assert tables == [f"side_{stack}.blocks.0.layer.0.SelfAttention.relative_attention_bias.weight"
+                      for stack in ("encoder", "decoder")]
 
 
 # ---------------------------------------------------------------- shapes and gradients
@@ -214,6 +237,121 @@ def test_padding_does_not_change_the_real_tokens_logits(minilm, path):
     alone = {k: (v[row : row + 1, :n] if not k.startswith("decoder") else v[row : row + 1]) for k, v in batch.items()}
     with torch.no_grad():
         torch.testing.assert_close(model(**batch)[row : row + 1], model(**alone), rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------- relative position bias
+
+
+def six_layer_t5(args, init="pruned"):
+    """LST on a 6 + 6-layer tiny T5: drop_every=4 keeps side blocks 1, 2, 3, 5, so side block 0 is gone."""
+    torch.manual_seed(0)
+    model = methods.build("lst", backbones.load("random-t5-tiny:num_layers=6"), 2, args | {"init": init})
+    stacks = [(model.side_encoder, model.frozen.encoder), (model.side_decoder, model.frozen.decoder)]
+    return model, t5_batch()[0], stacks
+
+
+def table(blocks):
+    """The relative-bias table of the first of ``blocks`` (a T5 stack's or a side network's)."""
+    return blocks[0].layer[0].SelfAttention.relative_attention_bias.weight
+
+
+@pytest.mark.parametrize("drop_every, layers", [(4, [1, 2, 3, 5]), (0, [0, 1, 2, 3, 4, 5])])
+def test_the_first_side_block_owns_a_trainable_relative_bias_table(drop_every, layers):
+    """Side block 0, or the first side block that exists when dropping removed it, owns a [buckets, heads] table
+    that starts as the backbone's block-0 table (pruned init) and trains; the frozen tables get no gradient."""
+    model, batch, stacks = six_layer_t5({"drop_every": drop_every})
+    for side, frozen in stacks:
+        assert side.layers == layers
+        assert [b.layer[0].SelfAttention.has_relative_attention_bias for b in side.blocks] == [True] + [False] * (
+            len(layers) - 1)
+        assert table(side.blocks).shape == (BUCKETS, T5_HEADS) and table(side.blocks).requires_grad
+        assert torch.equal(table(side.blocks), table(frozen.block)) and not table(frozen.block).requires_grad
+    scalar(model.train()(**batch)).backward()
+    for side, frozen in stacks:
+        assert table(frozen.block).grad is None and torch.count_nonzero(table(side.blocks).grad) > 0
+
+
+def test_random_init_draws_the_side_table():
+    model, _, stacks = six_layer_t5({}, init="random")
+    for side, frozen in stacks:
+        drawn, backbone = table(side.blocks), table(frozen.block)
+        assert drawn.shape == backbone.shape and not torch.equal(drawn, backbone)
+
+
+@pytest.mark.parametrize("drop_every", [4, 0])
+def test_every_side_block_adds_the_side_tables_bias(drop_every):
+    """One [1, heads, n, n] bias from the side's own table (decoder: causal buckets) reaches every side block."""
+    model, batch, stacks = six_layer_t5({"drop_every": drop_every})
+    seen = {id(side): [] for side, _ in stacks}
+    for side, _ in stacks:
+        for block in side.blocks:
+            block.register_forward_hook(lambda _m, _a, kwargs, _out, s=side: seen[id(s)].append(
+                kwargs["position_bias"]), with_kwargs=True)
+    model.eval()(**batch)
+    for (side, _), n in zip(stacks, (7, 4), strict=True):  # source and target lengths
+        biases = seen[id(side)]
+        assert len(biases) == len(side.blocks) and all(b is biases[0] for b in biases)
+        attention = side.blocks[0].layer[0].SelfAttention
+        torch.testing.assert_close(biases[0], attention.compute_bias(n, n), rtol=0, atol=0)
+        assert biases[0].shape == (1, T5_HEADS, n, n) and biases[0].requires_grad
+
+
+def leaf_bias(n, device, attention, leaves):
+    """``attention``'s relative bias [1, heads, n, n] as a leaf tensor (its gradient is read), kept in ``leaves``."""
+    leaves.append(attention.compute_bias(n, n, device=device).detach().requires_grad_())
+    return leaves[-1]
+
+
+def test_side_table_gradient_sums_every_blocks_bias_gradient():
+    """d loss / d table = the gradient of the one bias every side block adds, summed into the table row of each
+    (query, key) pair's bucket (T5's relative-position buckets: bidirectional encoder, causal decoder)."""
+    runs = []
+    for leaf in (False, True):
+        model, batch, stacks = six_layer_t5({"drop_every": 4, "dropout": 0.0})
+        leaves = []
+        if leaf:
+            for side, _ in stacks:
+                side.relative_bias = functools.partial(leaf_bias, attention=side.blocks[0].layer[0].SelfAttention,
+                                                       leaves=leaves)
+        model.eval()(**batch).logsumexp(-1).sum().backward()
+        runs.append((stacks, leaves))
+    (stacks, _), (_, leaves) = runs
+    for (side, _), bias in zip(stacks, leaves, strict=True):
+        attention, n = side.blocks[0].layer[0].SelfAttention, bias.shape[-1]
+        position = torch.arange(n)
+        buckets = attention._relative_position_bucket(position[None] - position[:, None],
+                                                      bidirectional=not attention.is_decoder,
+                                                      num_buckets=BUCKETS,
+                                                      max_distance=attention.relative_attention_max_distance)
+        expected = torch.zeros(BUCKETS, T5_HEADS).index_add_(0, buckets.flatten(),
+                                                             bias.grad[0].permute(1, 2, 0).reshape(n * n, T5_HEADS))
+        grad = table(side.blocks).grad
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+        assert torch.count_nonzero(grad) > 0
+
+
+@pytest.mark.parametrize("drop_every", [0, 4])
+def test_pruned_start_gives_the_frozen_bias_results(drop_every):
+    """The side table starts as a copy of the backbone's, so before training the outputs are those of side blocks
+    reading the frozen backbone's bias (this module's earlier behaviour); for drop_every=0 every gradient but the
+    table's is the same too (side blocks 1.. now also train the table, as in LST's code)."""
+    runs = []
+    for own in (True, False):
+        model, batch, stacks = six_layer_t5({"drop_every": drop_every, "dropout": 0.0})
+        if not own:
+            for side, frozen in stacks:
+                attention = frozen.block[0].layer[0].SelfAttention
+                side.relative_bias = lambda n, device, a=attention: a.compute_bias(n, n, device=device)
+        out = model.eval()(**batch)
+        out.logsumexp(-1).sum().backward()
+        runs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out, grads), (ref, ref_grads) = runs
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert set(grads) - set(ref_grads) == {f"side_{s}.blocks.0.layer.0.SelfAttention.relative_attention_bias.weight"
+                                           for s in ("encoder", "decoder")}
+    if drop_every == 0:
+        for name, grad in ref_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------- gates
