@@ -9,12 +9,17 @@ enters T (Section 2.1).
     ψ_j^α = Σ_β σ_{D,j}^{αβ} Ψ h^E_{N_E,β},  h^D_j^α = N^D(φ^D_j^α + ψ_j^α, h^D_{j-1}^α)    (eq. (17) reduced)
     φ'_N = φ_N + W_o h_N                     (W_o zero-initialised: training starts at the frozen backbone)
 
+Options from the authors' public code (off by default, so the defaults are Algorithm 1 exactly): a learnable
+RMSNorm of each φ_i before N (``state_norm``), a bias and a fixed factor on the correction, φ'_N = φ_N +
+s (W_o h + b_o) (``output_bias``, ``output_scale``), and the mean of h_1..h_N instead of h_N (``combine``).
+
 Written here because no maintained library implements READ.
 See docs/methods/read.md.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +33,8 @@ from readlib.methods.head import MeanPoolHead, check_dropout
 DEFAULT_LR = 1e-3
 CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 JOINERS = ("paper", "gated")
+COMBINES = ("last", "mean")
+NORM_EPS = 1e-6  # the authors' RMSNorm (their T5LayerNorm) default
 
 
 @dataclass
@@ -37,6 +44,10 @@ class Config:
     dropout: float = 0.1  # head dropout (encoder path)
     drop_layers: int = 0  # drop the backbone's last k encoder and decoder layers (Appendix C.2: 4 for T5-large)
     joiner: str = "paper"  # "paper": Appendix B.1 (eq. 1 reduced); "gated": eq. (18), the paper's future work
+    state_norm: bool = False  # learnable RMSNorm (weight 1 at start, eps 1e-6) of each φ_i before N; authors' code
+    output_bias: bool = False  # W_o gets a bias b_o (zero at start, like W_o); the authors' projection has one
+    output_scale: float = 1.0  # fixed factor s on the correction s (W_o h + b_o); authors' outputs_scaling_factor
+    combine: str = "last"  # "last": h_N (Algorithm 1); "mean": (h_1 + ... + h_N) / N, the authors' agg_type="mean"
 
     def validate(self) -> None:
         if self.rnn not in CELLS:
@@ -48,6 +59,10 @@ class Config:
             raise ConfigError(f"read.drop_layers must be >= 0, got {self.drop_layers}")
         if self.joiner not in JOINERS:
             raise ConfigError(f"read.joiner must be one of: {', '.join(JOINERS)}; got '{self.joiner}'")
+        if not 0 < self.output_scale < math.inf:
+            raise ConfigError(f"read.output_scale must be a positive finite number, got {self.output_scale}")
+        if self.combine not in COMBINES:
+            raise ConfigError(f"read.combine must be one of: {', '.join(COMBINES)}; got '{self.combine}'")
 
 
 def _cell_step(kind: str, x: torch.Tensor, state: torch.Tensor, weights, hidden: int) -> torch.Tensor:
@@ -59,7 +74,8 @@ def _cell_step(kind: str, x: torch.Tensor, state: torch.Tensor, weights, hidden:
 
 
 class LayerRecurrence(torch.autograd.Function):
-    """h_N of the recurrence s_i = cell(φ_i, s_{i-1}), s_0 = 0, over the layer axis.
+    """h_N (combine "last") or (h_1 + ... + h_N) / N ("mean") of the recurrence s_i = cell(φ_i, s_{i-1}),
+    s_0 = 0, over the layer axis.
 
     Stores for backward only φ (already held by READ) and the states s_0..s_N; each step's gate
     activations are recomputed in backward, one step at a time. PyTorch's fused nn.GRU on CPU
@@ -68,24 +84,30 @@ class LayerRecurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kind: str, hidden: int, phi: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, kind: str, hidden: int, combine: str, phi: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         width = 2 * hidden if kind == "lstm" else hidden
         states = phi.new_zeros(phi.shape[0] + 1, phi.shape[1], width)
         for i in range(phi.shape[0]):
             states[i + 1] = _cell_step(kind, phi[i], states[i], weights, hidden)
-        ctx.kind, ctx.hidden = kind, hidden
+        ctx.kind, ctx.hidden, ctx.combine = kind, hidden, combine
         ctx.save_for_backward(phi, states, *weights)
+        if combine == "mean":
+            return states[1:, :, :hidden].mean(0)
         return states[-1, :, :hidden].clone()
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
         phi, states, *weights = ctx.saved_tensors
-        want_phi = ctx.needs_input_grad[2]
+        want_phi = ctx.needs_input_grad[3]
         grad_state = torch.zeros_like(states[0])
-        grad_state[:, : ctx.hidden] = grad_h
+        if ctx.combine == "last":
+            grad_state[:, : ctx.hidden] = grad_h
+        grad_step = grad_h / phi.shape[0]  # "mean": every h_i receives 1/N of the output's gradient
         grad_weights = [torch.zeros_like(w) for w in weights]
         grad_phi = torch.zeros_like(phi) if want_phi else None
         for i in reversed(range(phi.shape[0])):
+            if ctx.combine == "mean":
+                grad_state[:, : ctx.hidden] += grad_step
             with torch.enable_grad():
                 x = phi[i].detach().requires_grad_(want_phi)
                 s = states[i].detach().requires_grad_()
@@ -97,21 +119,38 @@ class LayerRecurrence(torch.autograd.Function):
                 total += g
             if want_phi:
                 grad_phi[i] = grads[-1]
-        return None, None, grad_phi, *grad_weights
+        return None, None, None, grad_phi, *grad_weights
 
 
 class LayerRNN(nn.Module):
-    """An RNN N whose weights are shared across layers, run over the layer axis: [N, tokens, d] -> h_N."""
+    """An RNN N whose weights are shared across layers, run over the layer axis: [N, tokens, d] -> h_N.
+
+    ``context`` [N, tokens, d] is added to the (normalised) states: the decoder's joiner x_j = φ_j + ψ_j.
+    """
 
     def __init__(self, d_model: int, config: Config):
         super().__init__()
-        self.kind, self.hidden = config.rnn, config.hidden
+        self.kind, self.hidden, self.combine = config.rnn, config.hidden, config.combine
         self.cell = CELLS[config.rnn](d_model, config.hidden)  # holds N's weights, PyTorch's init
+        self.norm = state_norm(d_model, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, phi: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         cell = self.cell
         weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-        return LayerRecurrence.apply(self.kind, self.hidden, x, *weights)  # h_N, with h_0 = 0
+        x = phi if self.norm is None else self.norm(phi)
+        x = x if context is None else x + context
+        return LayerRecurrence.apply(self.kind, self.hidden, self.combine, x, *weights)  # h_N, with h_0 = 0
+
+
+def state_norm(d_model: int, config: Config) -> nn.RMSNorm | None:
+    """The authors' RMSNorm of the layer states, φ / sqrt(mean_k φ_k^2 + 1e-6) ⊙ g with g [d] starting at 1,
+    shared across layers (one per RNN); None for the paper's READ."""
+    return nn.RMSNorm(d_model, eps=NORM_EPS) if config.state_norm else None
+
+
+def combine_steps(steps: list[torch.Tensor], combine: str) -> torch.Tensor:
+    """What N hands to W_o: h_N ("last", Algorithm 1) or the mean of h_1..h_N ("mean")."""
+    return torch.stack(steps).mean(0) if combine == "mean" else steps[-1]
 
 
 class GatedLayerRNN(nn.Module):
@@ -123,25 +162,43 @@ class GatedLayerRNN(nn.Module):
     zero-initialised so x_i = φ_i at the start, as with the paper's joiner. ``c_i`` is the decoder's
     cross-attention term Σ_β σ^{αβ} FFN^E(h^E_β) (None in the encoder, where Ψ = 0 as in Appendix B.1, so
     tokens stay independent). The input now depends on h_{i-1}, so the loop runs under plain autograd.
+    With ``state_norm`` φ_i is normalised first, for the gate as for the sum.
     """
 
     def __init__(self, d_model: int, config: Config):
         super().__init__()
-        self.kind, self.hidden = config.rnn, config.hidden
+        self.kind, self.hidden, self.combine = config.rnn, config.hidden, config.combine
         self.cell = CELLS[config.rnn](d_model, config.hidden)
         self.gate = nn.Linear(d_model, d_model)
         self.ffn = feed_forward(config.hidden, d_model)
+        self.norm = state_norm(d_model, config)
 
     def forward(self, phi: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         cell = self.cell
         weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
         width = 2 * self.hidden if self.kind == "lstm" else self.hidden
+        phi = phi if self.norm is None else self.norm(phi)
         state = phi.new_zeros(phi.shape[1], width)
+        steps = []
         for i in range(phi.shape[0]):
             mix = self.ffn(state[:, : self.hidden]) + (0 if context is None else context[i])
             x = phi[i] + torch.sigmoid(self.gate(phi[i])) * mix  # eq. (18), Φ and Ψ terms
             state = _cell_step(self.kind, x, state, weights, self.hidden)
-        return state[:, : self.hidden]
+            steps.append(state[:, : self.hidden])
+        return combine_steps(steps, self.combine)
+
+
+def output_projection(config: Config, d_model: int) -> nn.Linear:
+    """W_o: d_h -> d (with b_o if ``output_bias``), zero: training starts at the frozen backbone.
+
+    b_o is attached after nn.Linear's init, so it draws no random numbers: with the same seed every variant's
+    other modules (the head) start from the same weights.
+    """
+    up = nn.Linear(config.hidden, d_model, bias=False)
+    nn.init.zeros_(up.weight)
+    if config.output_bias:
+        up.bias = nn.Parameter(torch.zeros(d_model))
+    return up
 
 
 def feed_forward(hidden: int, d_model: int) -> nn.Sequential:
@@ -153,27 +210,28 @@ def feed_forward(hidden: int, d_model: int) -> nn.Sequential:
 
 
 class GatedSideNetwork(GatedLayerRNN):
-    """Encoder-path side network with the gated joiner: corrections W_o h_N [tokens, d]."""
+    """Encoder-path side network with the gated joiner: corrections s (W_o h_N + b_o) [tokens, d]."""
 
     def __init__(self, d_model: int, config: Config):
         super().__init__(d_model, config)
-        self.up = nn.Linear(config.hidden, d_model, bias=False)  # W_o
-        nn.init.zeros_(self.up.weight)
+        self.up, self.scale = output_projection(config, d_model), config.output_scale  # W_o (b_o), s
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
-        return self.up(super().forward(phi))
+        return self.scale * self.up(super().forward(phi))
 
 
 class READSideNetwork(LayerRNN):
-    """N^E and W_o: maps stacked layer states φ_1..φ_N [N, tokens, d] to corrections W_o h_N [tokens, d]."""
+    """N^E and W_o: maps stacked layer states φ_1..φ_N [N, tokens, d] to corrections W_o h_N [tokens, d].
+
+    With the authors' options: s (W_o h + b_o), h = h_N or the mean of h_1..h_N; s = 1 and no b_o by default.
+    """
 
     def __init__(self, d_model: int, config: Config):
         super().__init__(d_model, config)
-        self.up = nn.Linear(config.hidden, d_model, bias=False)  # W_o, zero: start at the frozen model
-        nn.init.zeros_(self.up.weight)
+        self.up, self.scale = output_projection(config, d_model), config.output_scale  # W_o (b_o), s
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
-        return self.up(super().forward(phi))
+        return self.scale * self.up(super().forward(phi))
 
 
 class READ(FrozenBackbone):
@@ -221,8 +279,7 @@ class READSeq2Seq(FrozenBackbone):
         # Ψ, the learnable projection; with the gated joiner FFN^E of eq. (18)
         self.psi = feed_forward(config.hidden, d) if self.gated else nn.Linear(config.hidden, d, bias=False)
         self.decoder_rnn = rnn(d, config)  # N^D
-        self.up = nn.Linear(config.hidden, d, bias=False)  # W_o, zero: start at the frozen model
-        nn.init.zeros_(self.up.weight)
+        self.up, self.scale = output_projection(config, d), config.output_scale  # W_o (b_o), zero; s
 
     def cached_states(self, input_ids, attention_mask, decoder_input_ids):
         """Algorithm 1, line 2: one backbone pass without gradient.
@@ -253,11 +310,10 @@ class READSeq2Seq(FrozenBackbone):
         proj[attention_mask.bool()] = self.psi(h_e)  # Ψ h^E_{N_E,β}; padding positions have σ = 0
         psi = sigma @ proj  # ψ_j^α = Σ_β σ_{D,j}^{αβ} Ψ h^E_{N_E,β}, for every decoder layer j
         n_layers, batch, n, d = phi_d.shape
-        if self.gated:  # x_j = φ_j + Gate(φ_j) ⊙ (FFN^D(h^D_{j-1}) + ψ_j), eq. (18)
-            h_d = self.decoder_rnn(phi_d.reshape(n_layers, batch * n, d), psi.reshape(n_layers, batch * n, d))
-        else:  # x_j^α = φ_j^α + ψ_j^α (the joiner: plain addition, Appendix B.1)
-            h_d = self.decoder_rnn((phi_d + psi).reshape(n_layers, batch * n, d))  # h^D_j = N^D(x_j, h^D_{j-1})
-        adapted = phi_d[-1] + self.up(h_d).reshape(batch, n, d)  # φ^D'_{N_D} = φ^D_{N_D} + W_o h^D_{N_D}
+        # paper joiner: x_j^α = φ_j^α + ψ_j^α (plain addition, Appendix B.1), h^D_j = N^D(x_j, h^D_{j-1});
+        # gated: x_j = φ_j + Gate(φ_j) ⊙ (FFN^D(h^D_{j-1}) + ψ_j), eq. (18). state_norm normalises φ_j, not ψ_j.
+        h_d = self.decoder_rnn(phi_d.reshape(n_layers, batch * n, d), psi.reshape(n_layers, batch * n, d))
+        adapted = phi_d[-1] + self.scale * self.up(h_d).reshape(batch, n, d)  # φ^D'_{N_D} = φ^D_{N_D} + W_o h^D_{N_D}
         return lm_logits(self.frozen, adapted)
 
     # --- hidden-state cache (readlib.cache): what the backbone pass gives, stored per example ---

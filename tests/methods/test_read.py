@@ -6,13 +6,16 @@ isolation in bytes, drop_layers (Appendix C.2).
 import copy
 import dataclasses
 
+import datasets
 import pytest
 import torch
-from helpers import F32, SENTENCES, encode_sentences, grads_set, load_t5, randomize, saved, seq2seq_batch, t5_tiny
+from helpers import CPU, F32, SENTENCES, encode_sentences, grads_set, load_t5, randomize, saved, seq2seq_batch, t5_tiny
 from transformers import T5ForConditionalGeneration
 
-from readlib import backbones, methods
+import readlib.cache
+from readlib import backbones, data, methods
 from readlib.costs import SavedTensorMeter
+from readlib.data import Encoded
 from readlib.errors import ConfigError
 from readlib.methods import read
 
@@ -684,3 +687,347 @@ def test_read_bytes_do_not_depend_on_backbone_activations(cell, width):
     assert full_b[6] >= 2.5 * full_b[2]
     per_layer_read, per_layer_full = (read_b[6] - read_b[2]) / 4, (full_b[6] - full_b[2]) / 4
     assert per_layer_read < 0.15 * per_layer_full
+
+
+# ---------------------------------------------------------------- options from the authors' code (off by default)
+
+# every option on: the authors' RMSNorm before N, b_o with a fixed factor s, the mean of h_1..h_N
+ALL_OPTIONS = {"state_norm": True, "output_bias": True, "output_scale": 0.5, "combine": "mean"}
+OPTIONS = [{"state_norm": True}, {"output_bias": True}, {"output_scale": 0.1}, {"combine": "mean"}, ALL_OPTIONS]
+
+
+def options_id(option):
+    """Test ids: the option as key=value, "all" for every option on (None: pytest's own id for other values)."""
+    if not isinstance(option, dict):
+        return None
+    return "all" if option is ALL_OPTIONS else ",".join(f"{k}={v}" for k, v in option.items())
+
+
+def test_options_default_to_the_paper():
+    config = read.Config()
+    assert (config.state_norm, config.output_bias, config.output_scale, config.combine) == (False, False, 1.0, "last")
+    side = read.READSideNetwork(8, read.Config(hidden=4))
+    assert side.norm is None and side.up.bias is None and side.scale == 1.0
+    assert [n for n, _ in side.named_parameters()] == [*CELL_WEIGHTS, "up.weight"]  # W_o and N, nothing else
+
+
+def kernel_step(kind, x, state, w_ih, w_hh, b_ih, b_hh, hidden):
+    """One step with PyTorch's own cell kernels; an LSTM state is [h, c]."""
+    if kind == "lstm":
+        return torch.cat(torch.lstm_cell(x, (state[:, :hidden], state[:, hidden:]), w_ih, w_hh, b_ih, b_hh), -1)
+    step = torch.gru_cell if kind == "gru" else torch.rnn_tanh_cell
+    return step(x, state, w_ih, w_hh, b_ih, b_hh)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_default_options_add_no_arithmetic(kind):
+    # float32, compared bit for bit: with the defaults the correction is W_o h_N from the very kernel calls
+    # Algorithm 1 makes, so s = 1 and the unused options change no output (nor any cached or earlier result)
+    torch.manual_seed(0)
+    side = read.READSideNetwork(6, read.Config(rnn=kind, hidden=4))
+    randomize(side, std=0.5)
+    phi = torch.randn(5, 7, 6)
+    state = torch.zeros(7, 8 if kind == "lstm" else 4)
+    for i in range(5):
+        state = kernel_step(kind, phi[i], state, *cell_weights(side), 4)
+    assert torch.equal(side(phi), torch.nn.functional.linear(state[:, :4], side.up.weight))
+
+
+@pytest.mark.parametrize("joiner, hidden, base", [("paper", 256, 592_130), ("gated", 16, 180_850)])
+@pytest.mark.parametrize("option, extra", [
+    ({"state_norm": True}, 384),  # the RMSNorm gain g [d]
+    ({"output_bias": True}, 384),  # b_o [d]
+    ({"output_scale": 0.1}, 0),  # s is a fixed factor, not trained
+    ({"combine": "mean"}, 0),  # an average has no weights
+    (ALL_OPTIONS, 768),
+], ids=options_id)
+def test_every_option_adds_exactly_its_parameters_on_minilm(minilm, joiner, hidden, base, option, extra):
+    # encoder path, d = 384; baselines: GRU/256 (test_read_count_minilm) and gated GRU/16 (by formula above)
+    model = methods.build("read", minilm, 2, {"joiner": joiner, "hidden": hidden, **option})
+    assert methods.count_parameters(model) == (base + extra, base + extra + 22_565_376)
+
+
+@pytest.mark.parametrize("option, extra", [
+    ({"state_norm": True}, 2 * 768),  # one gain g [d] per RNN: N^E and N^D
+    ({"output_bias": True}, 768),  # b_o of W_o; Ψ stays bias-free
+    ({"output_scale": 0.1}, 0),
+    ({"combine": "mean"}, 0),
+    (ALL_OPTIONS, 3 * 768),
+], ids=options_id)
+def test_every_option_adds_exactly_its_parameters_on_t5_base(option, extra):
+    # text-to-text on T5-base: 1,969,152 for the paper's READ (Table 4), + 2,304 with every option on
+    trainable, total = methods.count_parameters(read.build(meta_backbone("base"), 0, read.Config(**option)))
+    assert trainable == 1_969_152 + extra
+    assert total == trainable + 222_903_552
+    if option is ALL_OPTIONS:
+        assert trainable == 1_971_456
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=options_id)
+def test_options_draw_no_random_numbers(minilm, option):
+    # same seed, any option: N, W_o and the head start from the very weights of the paper's READ, so a comparison
+    # of options changes nothing else (the gain g starts at 1 and b_o at 0)
+    torch.manual_seed(0)
+    paper, paper_next = methods.build("read", minilm, 2).state_dict(), torch.rand(3)
+    torch.manual_seed(0)
+    variant, variant_next = methods.build("read", minilm, 2, option).state_dict(), torch.rand(3)
+    assert set(variant) - set(paper) <= {"side.norm.weight", "side.up.bias"}
+    assert all(torch.equal(variant[k], v) for k, v in paper.items())
+    assert torch.equal(variant_next, paper_next)  # the generator is where the paper's READ leaves it
+
+
+def test_options_on_the_t5_encoder_classification_path():
+    # T5 encoder under a head, d = 64, GRU/256, 3 labels:
+    # 3(256*64 + 256*256 + 2*256) + 256*64 + (64*3 + 3) + g 64 + b_o 64 = 247,296 + 16,384 + 195 + 128
+    model = methods.build("read", t5_tiny(), 3, ALL_OPTIONS)
+    assert methods.count_parameters(model)[0] == read_trainable("gru", 64, 256, 3) + 2 * 64 == 264_003
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=options_id)
+def test_every_option_starts_at_the_frozen_backbone(minilm, tiny, option):
+    # W_o = 0 and b_o = 0 at the start, whatever N reads: the logits are exactly the frozen model's
+    model = methods.build("read", minilm, 3, option).eval()
+    batch = encode_sentences(minilm)
+    assert torch.equal(model(**batch), model.head(minilm.last_hidden_state(**batch), batch["attention_mask"]))
+    for joiner in read.JOINERS:
+        t5 = methods.build("read", tiny, 2, {"joiner": joiner, "hidden": 16, **option}).eval()
+        inputs = seq2seq_batch()
+        with torch.no_grad():
+            assert torch.equal(t5(**inputs), tiny.model(**inputs).logits)
+
+
+def test_state_norm_is_the_rmsnorm_formula():
+    # φ̂ = φ / sqrt(mean_k φ_k^2 + 1e-6) ⊙ g, per token and layer (the authors' T5LayerNorm, eps 1e-6)
+    torch.manual_seed(0)
+    side = read.READSideNetwork(5, read.Config(rnn="gru", hidden=3, state_norm=True)).double()
+    assert side.norm.eps == 1e-6 and torch.equal(side.norm.weight, torch.ones(5, dtype=torch.double))  # g = 1
+    randomize(side, std=0.5)  # g and W_o away from their starts
+    phi = torch.randn(4, 6, 5, dtype=torch.double) * 3
+    phi[:, 0] *= 1e-5  # mean square ~1e-9 << eps: the epsilon decides this token's scale
+    g = side.norm.weight
+    by_hand = phi / torch.sqrt(phi.square().mean(-1, keepdim=True) + 1e-6) * g
+    torch.testing.assert_close(side.norm(phi), by_hand, rtol=1e-12, atol=0)
+    assert by_hand[:, 0].abs().max() < 1e-1 < by_hand[:, 1:].abs().max()  # no blow-up of the tiny states
+    # the norm sits in front of N: the same RNN and W_o fed the normalised states by hand
+    plain = read.READSideNetwork(5, read.Config(rnn="gru", hidden=3)).double()
+    plain.load_state_dict({k: v for k, v in side.state_dict().items() if not k.startswith("norm.")})
+    torch.testing.assert_close(side(phi), plain(by_hand), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_mean_combination_is_the_layer_average_by_hand(kind):
+    # combine="mean": correction = s (W_o (h_1 + ... + h_N) / N + b_o), h_0 = 0 not included
+    torch.manual_seed(0)
+    d, hidden, layers, tokens = 5, 3, 4, 7
+    config = read.Config(rnn=kind, hidden=hidden, combine="mean", output_bias=True, output_scale=0.5)
+    side = read.READSideNetwork(d, config).double()
+    randomize(side)
+    phi = torch.randn(layers, tokens, d, dtype=torch.float64)
+    h = c = torch.zeros(tokens, hidden, dtype=torch.float64)
+    total = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for i in range(layers):
+        h, c = hand_cell(kind, phi[i], h, c, *cell_weights(side))
+        total = total + h
+    expected = 0.5 * ((total / layers) @ side.up.weight.T + side.up.bias)
+    torch.testing.assert_close(side(phi), expected, rtol=1e-12, atol=1e-12)
+    # the gated joiner with FFN = 0 reads x_i = φ_i: the same average
+    gated = read.GatedLayerRNN(d, dataclasses.replace(config, joiner="gated")).double()
+    gated.cell.load_state_dict(side.cell.state_dict())
+    torch.testing.assert_close(gated(phi), total / layers, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("combine", read.COMBINES)
+def test_options_gradcheck(kind, combine):
+    # LayerRecurrence's hand-written backward with the mean, through the RMSNorm, b_o and s: central differences
+    torch.manual_seed(0)
+    config = read.Config(rnn=kind, hidden=3, state_norm=True, output_bias=True, output_scale=0.5, combine=combine)
+    side = read.READSideNetwork(4, config).double()
+    randomize(side, std=0.5)
+    names = [n for n, _ in side.named_parameters()]
+    assert {"norm.weight", "up.bias"} <= set(names)
+    params = [p.detach().clone().requires_grad_() for p in side.parameters()]
+    phi = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(phi, *weights):
+        return torch.func.functional_call(side, dict(zip(names, weights, strict=True)), (phi,))
+
+    assert torch.autograd.gradcheck(f, (phi, *params), eps=1e-6, atol=1e-7)
+
+
+def test_mean_recurrence_matches_torch_rnn_outputs():
+    # the mean of nn.GRU's per-step outputs (the authors' agg_type="mean"), and its gradients
+    torch.manual_seed(0)
+    ours = read.LayerRNN(5, read.Config(rnn="gru", hidden=4, combine="mean")).double()
+    randomize(ours, std=0.5)
+    ref = torch.nn.GRU(5, 4).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(ref, f"{name}_l0").copy_(getattr(ours.cell, name))
+    phi = torch.randn(6, 3, 5, dtype=torch.float64)
+    phi_ours, phi_ref = phi.clone().requires_grad_(), phi.clone().requires_grad_()
+    h_ours, h_ref = ours(phi_ours), ref(phi_ref)[0].mean(0)
+    torch.testing.assert_close(h_ours, h_ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(3, 4, dtype=torch.float64)
+    (h_ours * upstream).sum().backward()
+    (h_ref * upstream).sum().backward()
+    torch.testing.assert_close(phi_ours.grad, phi_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.cell.weight_hh.grad, ref.weight_hh_l0.grad, rtol=1e-12, atol=1e-12)
+
+
+def options_by_hand(t5, model, inputs, hidden, s):
+    """Algorithm 1 with every option on, from the frozen T5's own outputs: RMSNorm of each φ before N^E and N^D
+    (ψ added after the norm), the mean of h_1..h_N of both RNNs, φ^D' = φ^D_N + s (W_o h̄^D + b_o)."""
+    def norm(phi, g):
+        return phi / torch.sqrt(phi.square().mean(-1, keepdim=True) + 1e-6) * g
+
+    out = t5(**inputs, output_hidden_states=True, output_attentions=True)
+    h, total = torch.zeros(2, 7, hidden), torch.zeros(2, 7, hidden)
+    for phi in out.encoder_hidden_states[1:]:
+        h = hand_gru(norm(phi, model.encoder_rnn.norm.weight), h, model.encoder_rnn.cell)
+        total = total + h
+    h_e = total / len(out.encoder_hidden_states[1:])
+    s_d, total = torch.zeros(2, 3, hidden), torch.zeros(2, 3, hidden)
+    for phi, attn in zip(out.decoder_hidden_states[1:], out.cross_attentions, strict=True):
+        psi = torch.einsum("bnm,bmd->bnd", attn.mean(1), h_e @ model.psi.weight.T)
+        s_d = hand_gru(norm(phi, model.decoder_rnn.norm.weight) + psi, s_d, model.decoder_rnn.cell)
+        total = total + s_d
+    h_d = total / len(out.decoder_hidden_states[1:])
+    adapted = out.decoder_hidden_states[-1] + s * (h_d @ model.up.weight.T + model.up.bias)
+    return t5.lm_head(adapted * 64**-0.5)
+
+
+def test_forward_with_every_option_is_algorithm_1_by_hand(tiny):
+    torch.manual_seed(0)
+    model = methods.build("read", tiny, 2, {**ALL_OPTIONS, "hidden": 8}).eval()
+    randomize(torch.nn.ModuleList([read_modules(model), model.encoder_rnn.norm, model.decoder_rnn.norm]), std=0.3)
+    inputs = seq2seq_batch()
+    with torch.no_grad():
+        expected = options_by_hand(tiny.model, model, inputs, 8, 0.5)
+        # written-out ops round differently from READ's: a tolerance relative to the logits
+        torch.testing.assert_close(model(**inputs), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+OPTION_NAMES = {"encoder_rnn.norm.weight", "decoder_rnn.norm.weight", "up.bias"}
+
+
+@pytest.mark.parametrize("joiner", read.JOINERS)
+def test_gradients_with_every_option_stay_out_of_the_backbone(joiner):
+    bb = load_t5()
+    model = methods.build("read", bb, 2, {**ALL_OPTIONS, "joiner": joiner, "hidden": 16}).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert OPTION_NAMES <= trainable and not any(n.startswith("frozen.") for n in trainable)
+    model(**seq2seq_batch()).square().mean().backward()
+    assert all(p.grad is None for p in bb.model.parameters())
+    # at the start W_o = 0 and b_o = 0 block every path to N^E, Ψ, N^D and the gains: only W_o and b_o learn
+    moved = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert moved == {"up.weight", "up.bias"}
+    model.zero_grad()
+    randomize(torch.nn.ModuleList(m for n, m in model.named_children() if n != "frozen"))
+    model(**seq2seq_batch()).square().mean().backward()
+    assert all(p.grad is None for p in bb.model.parameters())
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in trainable)
+
+
+def test_encoder_gradients_with_every_option_only_in_side_network_and_head(minilm):
+    model = methods.build("read", minilm, 2, ALL_OPTIONS).train()
+    randomize(model.side)
+    model(**encode_sentences(minilm)).sum().backward()
+    names = {n for n, _ in model.named_parameters()}
+    assert grads_set(model) == {n for n in names if n.startswith(("side.", "head."))}
+    assert {"side.norm.weight", "side.up.bias"} <= grads_set(model)
+    assert all(p.grad is None and not p.requires_grad for p in minilm.model.parameters())
+
+
+def test_cached_and_uncached_forward_agree_with_every_option(minilm):
+    task = data.get_task("rte")
+    splits, _ = data.load_task("rte", max_train=6, max_eval=1)
+    split = Encoded(splits["train"], minilm.tokenizer, task, max_length=24)
+    model = methods.build("read", minilm, task.num_labels, ALL_OPTIONS).eval()
+    randomize(model.side)
+    layout = model.cache_layout(split)
+    store = readlib.cache.build_set(model, split, layout, 4, CPU, progress=False)
+    order = [5, 2, 0]
+    inputs, _ = split.batch(order, CPU)
+    with torch.no_grad():
+        direct = model(**inputs)
+        cached = model.forward_features(store["phi"].gather(order, CPU), inputs["attention_mask"])
+    # cached states come from other batch shapes: rounding relative to the logits
+    torch.testing.assert_close(cached, direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
+    assert (direct[0] - direct[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("joiner", read.JOINERS)
+def test_text_to_text_cache_agrees_with_every_option(joiner):
+    bb = backbones.load("random-t5-tiny")
+    model = methods.build("read", bb, 1, {**ALL_OPTIONS, "joiner": joiner, "hidden": 16}).eval()
+    randomize(torch.nn.ModuleList(m for n, m in model.named_children() if n != "frozen"))
+    task = data.get_task("rte")
+    rows = {"sentence1": ["a b c d e", "f g"], "sentence2": ["h", "i j k"], "label": [0, 1], "idx": [0, 1]}
+    split = Encoded(datasets.Dataset.from_dict(rows), bb.tokenizer, task, 32, bb.eos_id)
+    store = readlib.cache.build_set(model, split, model.cache_layout(split), 2, CPU, progress=False)
+    inputs, _ = split.batch([1, 0], CPU)
+    masks = {k: v for k, v in inputs.items() if k.endswith("attention_mask")}
+    keep = inputs["decoder_attention_mask"].bool()
+    with torch.no_grad():
+        cached = model.forward_features(store.gather([1, 0], CPU), **masks)[keep]
+        direct = model(**inputs)[keep]
+    torch.testing.assert_close(cached, direct, rtol=1e-5, atol=1e-5 * direct.abs().max().item())
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"combine": "max"}, "read.combine must be one of: last, mean; got 'max'"),
+    ({"output_scale": "0"}, "read.output_scale must be a positive finite number, got 0.0"),
+    ({"output_scale": -1}, "read.output_scale must be a positive finite number, got -1.0"),
+    ({"output_scale": "inf"}, "read.output_scale must be a positive finite number, got inf"),
+    ({"output_scale": "nan"}, "read.output_scale must be a positive finite number, got nan"),
+    ({"state_norm": "maybe"}, "read.state_norm must be true or false, got 'maybe'"),
+    ({"output_bias": "2"}, "read.output_bias must be true or false, got '2'"),
+])
+def test_bad_option_values(args, message):
+    with pytest.raises(ConfigError) as err:
+        methods.make_config("read", args)
+    assert str(err.value) == message  # one line
+
+
+def test_option_values_from_the_command_line():
+    config = methods.make_config("read", {"state_norm": "true", "output_bias": "yes", "output_scale": "0.1",
+                                          "combine": "mean"})
+    assert (config.state_norm, config.output_bias, config.output_scale, config.combine) == (True, True, 0.1, "mean")
+
+
+# ---------------------------------------------------------------- which φ on T5
+
+
+def block_outputs(stack):
+    """Forward hooks recording each block's raw output (the residual stream) of a T5 stack."""
+    outputs = []
+    hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out[0])) for block in stack.block]
+    return outputs, hooks
+
+
+def test_t5_phi_1_to_n_minus_1_are_residual_states_and_phi_n_is_normalised(tiny):
+    # φ_1..φ_{N-1}: the blocks' outputs as they are; φ_N: final_layer_norm(block N's output), the LM head's input
+    bb = load_t5("random-t5-tiny:num_layers=3")
+    model = methods.build("read", bb, 2)
+    inputs = seq2seq_batch()
+    enc, enc_hooks = block_outputs(bb.model.encoder)
+    dec, dec_hooks = block_outputs(bb.model.decoder)
+    phi_e, phi_d, _ = model.cached_states(**inputs)
+    for hook in enc_hooks + dec_hooks:
+        hook.remove()
+    keep = inputs["attention_mask"].bool()
+    for i in range(2):
+        assert torch.equal(phi_e[i], enc[i][keep]) and torch.equal(phi_d[i], dec[i])
+    assert torch.equal(phi_e[2], bb.model.encoder.final_layer_norm(enc[2])[keep])
+    assert torch.equal(phi_d[2], bb.model.decoder.final_layer_norm(dec[2]))
+    assert not torch.allclose(phi_d[2], dec[2], atol=1e-3)  # the norm does change the last state
+    # the encoder classification path (T5EncoderModel): the same split
+    bb = backbones.load("random-t5-tiny:num_layers=3", formulation="classification")
+    batch = encode_sentences(bb)
+    enc, hooks = block_outputs(bb.model.encoder)
+    phi = methods.build("read", bb, 2).features(**batch)
+    for hook in hooks:
+        hook.remove()
+    keep = batch["attention_mask"].bool()
+    assert torch.equal(phi[1], enc[1][keep]) and torch.equal(phi[2], bb.model.encoder.final_layer_norm(enc[2])[keep])
