@@ -2,23 +2,36 @@
 
     python bench/methods.py                                          # MiniLM, batch 32 x 128 tokens, every method
     python bench/methods.py --methods full,read,read:hidden=128      # chosen variants (method:key=value,...)
+    python bench/methods.py --methods full,full+gc,lora,lora+gc,read,read:hidden=128   # +gc: with checkpointing
     python bench/methods.py --backbone random-t5-base --batch 8 --seq 128 --target 4 --repeats 3 \\
         --methods full,read,read:hidden=128
 
+A variant is ``method[+gc][:key=value,...]``; ``+gc`` trains it with gradient checkpointing of the backbone's
+layers (``readlib.methods.enable_gradient_checkpointing``; methods that back-propagate through the backbone only),
+e.g. ``lora+gc:rank=8``.
+
 For each variant: the median train-step time (forward + backward + AdamW step, seconds), the bytes autograd
-saves for backward (stored activations, ``readlib.costs.SavedTensorMeter``; parameters excluded) and the
-trainable parameters, each also divided by full fine-tuning's. All variants see the same random batch of
-full-length sequences; their steps are interleaved so machine noise hits them alike. The table is also
+saves for backward (stored activations, ``readlib.costs.SavedTensorMeter``; parameters excluded), the peak
+training memory of each phase of a step (``readlib.costs.phase_memory``, MiB: the weights; the forward with its
+stored activations; backward, whose peak holds the activations not yet freed, the gradients and backward's
+transient buffers; the AdamW step, which adds the optimizer state to the gradients) and the peak over the phases,
+and the trainable parameters; time, saved bytes, peak and parameters are also divided by full fine-tuning's. All
+variants see the same random batch of full-length sequences; their steps are interleaved so machine noise hits
+them alike. The phase memory is measured once per variant, on a fresh optimizer, outside the timed steps (on CPU
+it counts the storages alive, ``readlib.costs.LiveBytes``, which slows the step it watches). The table is also
 written to ``outputs/tables/bench_methods_<backbone>_<batch>x<seq>.{csv,md,tex}``.
 
 Without ``--methods``: every registered method at its defaults, plus READ GRU/128 (on MiniLM, 128/384 is the
-RNN-to-model width ratio of the paper's GRU/256 on T5-base), selective fine-tuning at k = 4 and 64 and with
-LoRA (rank 32). A variant that does not apply to the backbone (e.g. selective fine-tuning on a T5
-encoder–decoder) is listed with its reason. T5 backbones run text-to-text with ``--target`` decoder tokens;
-``random-t5-*`` are the real architectures with random weights (time and memory depend only on shapes).
+RNN-to-model width ratio of the paper's GRU/256 on T5-base), full fine-tuning and LoRA with gradient
+checkpointing, selective fine-tuning at k = 4 and 64 and with LoRA (rank 32). A variant that does not apply to
+the backbone (e.g. selective fine-tuning on a T5 encoder–decoder) is listed with its reason. T5 backbones run
+text-to-text with ``--target`` decoder tokens; ``random-t5-*`` are the real architectures with random weights
+(time and memory depend only on shapes).
 
 Targets, as ratios to full fine-tuning: READ on MiniLM time <= 0.4 and bytes <= 0.2; READ on T5-base time <= 0.5
-and bytes <= 0.1; selective (k = 16) bytes <= 0.25 and LST bytes <= 0.3.
+and bytes <= 0.1; selective (k = 16) bytes <= 0.25 and LST bytes <= 0.3. Against gradient checkpointing, the
+memory saving a user would pick instead of READ (MiniLM, 32 x 128): READ's peak training memory below full+gc's
+and lora+gc's, and READ's step faster than both.
 """
 
 from __future__ import annotations
@@ -27,37 +40,61 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import pandas as pd
 import torch
 
 from readlib import backbones, methods
-from readlib.costs import SavedTensorMeter
+from readlib.costs import SavedTensorMeter, phase_memory
 from readlib.errors import ConfigError
 from readlib.report import write_table
 from readlib.train import task_loss
 
-EXTRA_VARIANTS = ["read:hidden=128", "lst:recompute_attention=false", "selective:k=4", "selective:k=64",
-                  "selective:lora_rank=32"]
+GC = "+gc"  # after the method name: trained with gradient checkpointing
+SHOWN_PHASES = ("weights", "forward", "backward", "optimizer")  # readlib.costs.PHASES less inference's
+EXTRA_VARIANTS = ["full+gc", "lora+gc", "read:hidden=128", "lst:recompute_attention=false", "selective:k=4",
+                  "selective:k=64", "selective:lora_rank=32"]
 
 
 def default_variants() -> list[str]:
-    return list(methods.METHODS) + [v for v in EXTRA_VARIANTS if v.partition(":")[0] in methods.METHODS]
+    return list(methods.METHODS) + [
+        v for v in EXTRA_VARIANTS if v.partition(":")[0].removesuffix(GC) in methods.METHODS
+    ]
 
 
-def make_step(model: torch.nn.Module, batch: dict, labels: torch.Tensor):
+def parse(spec: str) -> tuple[str, dict[str, str], bool]:
+    """'method[+gc][:key=value,...]' -> (method, {key: value}, gradient checkpointing), checked before any model
+    is built."""
+    name, sep, rest = spec.partition(":")
+    method, hparams = methods.parse_variant(name.removesuffix(GC) + sep + rest)
+    if name.endswith(GC):
+        methods.check_checkpointing(method)
+    return method, hparams, name.endswith(GC)
+
+
+def make_step(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> Callable[[], int]:
     """A closure running one training step; returns the bytes saved for backward during it."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step() -> int:
         optimizer.zero_grad(set_to_none=True)
         with SavedTensorMeter(model) as meter:
-            loss = task_loss(model(**batch), labels, regression=False)
-        loss.backward()
+            value = loss()
+        value.backward()
         optimizer.step()
         return meter.bytes
 
     return step
+
+
+def phase_peaks(model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> dict[str, int]:
+    """Peak bytes of each phase of one training step with a fresh AdamW (``readlib.costs.phase_memory``); the
+    gradients it leaves are cleared."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    peaks = phase_memory(model, loss, optimizer)["peak"]
+    model.zero_grad(set_to_none=True)
+    return peaks
 
 
 def main() -> None:
@@ -71,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     specs = args.methods.split(",") if args.methods else default_variants()
     specs = ["full"] + [s for s in specs if s != "full"]  # the reference of every ratio
-    variants = {spec: methods.parse_variant(spec) for spec in specs}
+    variants = {spec: parse(spec) for spec in specs}
 
     torch.manual_seed(0)
     probe = backbones.load(args.backbone)
@@ -85,15 +122,24 @@ def main() -> None:
         batch["decoder_input_ids"] = torch.cat([torch.zeros(args.batch, 1, dtype=torch.long), labels[:, :-1]], 1)
     del probe
     steps, rows, skipped = {}, {}, {}
-    for spec, (method, hparams) in variants.items():  # a fresh backbone each: several methods change it in place
+    # a fresh backbone each: several methods change it in place
+    for spec, (method, hparams, checkpointing) in variants.items():
         try:
             model = methods.build(method, backbones.load(args.backbone), 2, hparams).train()
         except ConfigError as err:
             skipped[spec] = str(err)
             continue
-        steps[spec] = make_step(model, batch, labels)
+        if checkpointing:
+            methods.enable_gradient_checkpointing(method, model)
+
+        def loss(model=model) -> torch.Tensor:
+            return task_loss(model(**batch), labels, regression=False)
+
         trainable, _ = methods.count_parameters(model)
-        rows[spec] = {"variant": spec, "trainable_params": trainable, "saved_bytes": steps[spec](), "times": []}
+        peaks = phase_peaks(model, loss)
+        steps[spec] = make_step(model, loss)
+        rows[spec] = {"variant": spec, "trainable_params": trainable, "peaks": peaks, "saved_bytes": steps[spec](),
+                      "times": []}
     for _ in range(args.repeats):  # the warm-up step above also gave the byte count (the same every step)
         for spec, step in steps.items():
             start = time.perf_counter()
@@ -109,6 +155,9 @@ def main() -> None:
             "step_vs_full": statistics.median(row["times"]) / full_time,
             "saved_MiB": row["saved_bytes"] / 2**20,
             "saved_vs_full": row["saved_bytes"] / full["saved_bytes"],
+            **{f"{phase}_peak_MiB": row["peaks"][phase] / 2**20 for phase in SHOWN_PHASES},
+            "peak_MiB": max(row["peaks"].values()) / 2**20,
+            "peak_vs_full": max(row["peaks"].values()) / max(full["peaks"].values()),
             "trainable_params": row["trainable_params"],
             "params_vs_full": row["trainable_params"] / full["trainable_params"],
         }

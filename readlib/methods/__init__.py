@@ -1,9 +1,9 @@
 """Fine-tuning methods, one module each, one registry (the shape of peft's tuners).
 
 Each method module declares ``SPEC``, a ``readlib.methods.base.MethodSpec``: its Config, default learning
-rate, formulations, build function, whether it trains from the hidden-state cache, and which hyperparameters
-stay out of study names. Specs are checked here at import. Adding a method is one module plus one line in
-``METHODS``. See docs/methods/.
+rate, formulations, build function, whether it trains from the hidden-state cache, which hyperparameters
+stay out of study names, and whether gradient checkpointing of the backbone's layers applies. Specs are
+checked here at import. Adding a method is one module plus one line in ``METHODS``. See docs/methods/.
 """
 
 from __future__ import annotations
@@ -100,6 +100,35 @@ def build(name: str, backbone: Backbone, num_labels: int, args: dict[str, Any] |
     config = make_config(name, args)
     check_formulation(name, backbone.formulation)
     return get_method(name).build(backbone, num_labels, config)
+
+
+def check_checkpointing(name: str) -> None:
+    """ConfigError when the method does not back-propagate through the backbone's layers (nothing to checkpoint)."""
+    if not get_method(name).checkpointing:
+        able = ", ".join(n for n, spec in METHODS.items() if spec.checkpointing)
+        raise ConfigError(f"gradient checkpointing applies to methods that back-propagate through the backbone's "
+                          f"layers ({able}), not to '{name}'")
+
+
+def enable_gradient_checkpointing(name: str, model: nn.Module) -> None:
+    """Recompute the activations of each backbone layer in backward instead of storing them, for ``model`` built by
+    method ``name``; ConfigError for methods that do not back-propagate through the backbone's layers.
+
+    transformers checkpoints a layer only while it is in training mode; in eval mode nothing changes. Stored
+    activations drop to each layer's input, at the cost of a second forward pass through the layers in backward.
+    """
+    check_checkpointing(name)
+    # heavy (seconds to import): loaded when a model is built, so bad input fails fast
+    from transformers import PreTrainedModel
+
+    found = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if not found:
+        raise ConfigError(f"no transformers model inside {type(model).__name__} to checkpoint")
+    # the outermost one (modules() lists parents first) switches on the layers of all its submodels (T5's two stacks).
+    # Non-reentrant: it back-propagates into whatever a layer uses, however the tensor reaches it; reentrant
+    # checkpointing silently returns no gradient through a layer whose inputs do not require grad (frozen
+    # embeddings), which transformers only patches over with a hook on the input embeddings.
+    found[0].activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

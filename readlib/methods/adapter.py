@@ -119,4 +119,4 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
     return wrap(backbone, num_labels, config.dropout)
 
 
-SPEC = MethodSpec("adapter", Config, DEFAULT_LR, build)
+SPEC = MethodSpec("adapter", Config, DEFAULT_LR, build, checkpointing=True)

@@ -24,7 +24,9 @@ class MethodSpec:
     raising ConfigError. ``build(backbone, num_labels, config)`` returns the model: exactly the parameters the
     method trains have ``requires_grad``. ``trains_from_cache``: the model has ``cache_layout(split)``,
     ``features(**batch)`` and ``forward_features(features, **masks)`` (``readlib.cache``). ``not_in_name``:
-    config fields that change only memory or time, kept out of sweep study names.
+    config fields that change only memory or time, kept out of sweep study names. ``checkpointing``: the method
+    back-propagates through the backbone's own layers, so gradient checkpointing of those layers applies
+    (``readlib.methods.enable_gradient_checkpointing``).
     """
 
     name: str
@@ -34,6 +36,7 @@ class MethodSpec:
     formulations: tuple[str, ...] = ("classification", "text-to-text")
     trains_from_cache: bool = False
     not_in_name: tuple[str, ...] = ()
+    checkpointing: bool = False
 
     def check(self) -> MethodSpec:
         """TypeError naming what is wrong with the spec itself (a programming error, found at import)."""
@@ -50,6 +53,8 @@ class MethodSpec:
             problems.append(f"default_lr must be in (0, 1), got {self.default_lr}")
         if not self.formulations or set(self.formulations) - set(FORMULATIONS):
             problems.append(f"formulations must be a non-empty subset of {FORMULATIONS}, got {self.formulations}")
+        if self.checkpointing and self.trains_from_cache:  # from the cache, nothing runs through the backbone's layers
+            problems.append("a method that trains from the cache cannot checkpoint the backbone's layers")
         if problems:
             raise TypeError(f"method '{self.name}': " + "; ".join(problems))
         return self

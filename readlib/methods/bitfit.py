@@ -58,4 +58,4 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
     return wrap(backbone, num_labels, config.dropout)
 
 
-SPEC = MethodSpec("bitfit", Config, DEFAULT_LR, build)
+SPEC = MethodSpec("bitfit", Config, DEFAULT_LR, build, checkpointing=True)

@@ -28,4 +28,5 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
     return wrap(backbone, num_labels, config.dropout)
 
 
-SPEC = MethodSpec("full", Config, DEFAULT_LR, build, formulations=("classification", "text-to-text", "causal-lm"))
+SPEC = MethodSpec("full", Config, DEFAULT_LR, build, formulations=("classification", "text-to-text", "causal-lm"),
+                  checkpointing=True)

@@ -58,4 +58,5 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
     return wrap(backbone, num_labels, config.dropout)
 
 
-SPEC = MethodSpec("lora", Config, DEFAULT_LR, build, formulations=("classification", "text-to-text", "causal-lm"))
+SPEC = MethodSpec("lora", Config, DEFAULT_LR, build, formulations=("classification", "text-to-text", "causal-lm"),
+                  checkpointing=True)

@@ -79,4 +79,4 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
     return PromptTuning(backbone, num_labels, config)
 
 
-SPEC = MethodSpec("prompt", Config, DEFAULT_LR, build)
+SPEC = MethodSpec("prompt", Config, DEFAULT_LR, build, checkpointing=True)
