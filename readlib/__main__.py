@@ -42,7 +42,8 @@ def _train_parser() -> argparse.ArgumentParser:
             continue
         kind = typing.get_args(hints[name]) or (hints[name],)
         flags = [f"--{name}"] + (["--epochs"] if name == "max_epochs" else [])
-        parser.add_argument(*flags, dest=name, type=kind[0], default=None)
+        # booleans stay strings here ("false" would be True under type=bool); RunParams.validate parses them
+        parser.add_argument(*flags, dest=name, type=str if kind[0] is bool else kind[0], default=None)
     return parser
 
 

@@ -1,6 +1,7 @@
 """Frozen backbones with per-layer hidden states, loaded by name in one formulation.
 
-``minilm`` (bundled, offline), ``t5-small|base|large|3b`` or any hub id (pretrained, from the hub),
+``minilm`` (bundled, offline), ``t5-small|base|large|3b`` or any hub id (pretrained, from the hub) or a local
+``save_pretrained`` folder,
 ``random-t5-{tiny,small,base,large,3b}`` (READ Table 6 with random weights), ``random-bert-{tiny,base}`` and
 ``random-opt-{tiny,1.3b}`` (TokenTune Table 1's models with random weights; OPT for memory accounting only), each
 random name with optional ``:key=value,...`` overrides. T5 loads with eager attention: READ's decoder needs the
@@ -9,8 +10,10 @@ cross-attention scores (Algorithm 1), which SDPA does not return. See docs/backb
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -106,7 +109,7 @@ def _parse_random(name: str) -> tuple[str, dict[str, int]]:
 
 def check_name(name: str) -> None:
     """Raise ConfigError for a backbone name that can never load; cheap, loads nothing."""
-    if name == "minilm" or name in HUB_T5 or "/" in name:
+    if name == "minilm" or name in HUB_T5 or "/" in name or Path(name).expanduser().is_dir():
         return
     if name.startswith("random-"):
         _parse_random(name)
@@ -114,7 +117,7 @@ def check_name(name: str) -> None:
     raise ConfigError(
         f"unknown backbone '{name}'; choose one of: minilm, {', '.join(HUB_T5)}, "
         f"random-t5-{{{','.join(T5_SIZES)}}}, random-bert-{{{','.join(BERT_SIZES)}}}, "
-        f"random-opt-{{{','.join(OPT_SIZES)}}} (each [:key=value,...]), or a hub id such as org/model"
+        f"random-opt-{{{','.join(OPT_SIZES)}}} (each [:key=value,...]), a hub id such as org/model, or a local folder"
     )
 
 
@@ -160,6 +163,10 @@ def random_config(name: str):
 
 
 def is_t5(name: str) -> bool:
+    """Whether a backbone name is a T5: by its config's ``model_type`` for a local folder, else by its name."""
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_type") == "t5"
     return name.startswith("random-t5-") or "t5" in HUB_T5.get(name, name).lower()
 
 
@@ -242,7 +249,8 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
     config = model.config
     hidden = getattr(config, "d_model", None) or config.hidden_size
     layers = getattr(config, "num_layers", None) or config.num_hidden_layers
-    return Backbone(name, _freeze(model), tokenizer, hidden, layers, f"hub:{hub_id}", True, formulation)
+    source = f"local:{hub_id}" if Path(hub_id).expanduser().is_dir() else f"hub:{hub_id}"  # save_pretrained folder
+    return Backbone(name, _freeze(model), tokenizer, hidden, layers, source, True, formulation)
 
 
 def drop_last_layers(backbone: Backbone, k: int) -> None:

@@ -70,6 +70,7 @@ READ_TABLE7_CANDIDATES = {
     "adapter": [{"bottleneck": 64}, {"bottleneck": 32}, {"bottleneck": 128}],
     "lora": [{"rank": 32}, {"rank": 8}, {"rank": 16}],
     "prompt": [{"n_prompts": 20}, {"n_prompts": 10}, {"n_prompts": 30}],
+    "lst": [{"reduction": 8}, {"reduction": 12}, {"reduction": 6}],  # side dim 96, 64, 128 on T5-base (d = 768)
 }
 
 # ---------------------------------------------------------------- TokenTune (selective fine-tuning)

@@ -20,6 +20,8 @@ from readlib.errors import ConfigError
 from readlib.paths import PROFILE_DIR
 
 PROFILES = ("quick", "default", "paper")
+LR_SCHEDULES = ("constant", "linear_warmup")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -36,7 +38,13 @@ class RunParams:
     micro_batch_size: int = 32  # examples per forward pass; batch_size / micro = accumulation steps
     max_length: int = 128
     formulation: str | None = None  # classification | text-to-text; None: text-to-text on T5, else classification
+    target_format: str = "lst"  # text-to-text strings: "lst" (LST/Compacter: label index) | "t5" (T5: class name)
+    split_recipe: str = "lst"  # validation/test rows: "lst" (LST's torch.randperm slices) | "numpy" (our first recipe)
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | linear_warmup (warmup_steps up, then linear decay to 0: LST's scripts)
+    warmup_steps: int = 500  # optimizer steps of linear warmup (lr_schedule=linear_warmup)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of forward passes (fp16 with a gradient scaler)
+    gradient_checkpointing: bool = False  # recompute the backbone's layers in backward (methods that train through it)
     seed: int = 0
     split_seed: int = 42  # fixes the paper split; the same for every run of a task
     max_train: int | None = None  # subsample the training split (None: all of it)
@@ -82,6 +90,16 @@ class RunParams:
             raise ConfigError(f"energy_interval must be > 0 seconds, got {self.energy_interval}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS),
+                              ("target_format", data.TARGET_FORMATS), ("split_recipe", data.SPLIT_RECIPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} '{getattr(self, name)}'; choose one of: {', '.join(allowed)}")
+        if self.gradient_checkpointing and not methods.get_method(self.method).checkpointing:
+            able = ", ".join(n for n, spec in methods.METHODS.items() if spec.checkpointing)
+            raise ConfigError(f"gradient_checkpointing applies to methods that back-propagate through the backbone "
+                              f"({able}); '{self.method}' does not")
         if self.cache not in MODES:
             raise ConfigError(f"unknown cache '{self.cache}'; choose one of: {', '.join(MODES)}")
         if self.cache_dtype not in DTYPES:
@@ -108,6 +126,7 @@ def load_profile(profile: str) -> dict[str, Any]:
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     values = yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text()) or {}
     values.pop("sweep", None)  # the sweep's own settings, see load_sweep
+    values.pop("method_defaults", None)  # per-method hyperparameters, see method_defaults
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ConfigError(f"params/{profile}.yaml: unknown field(s) {unknown}; allowed: {sorted(FIELDS)}")
@@ -130,14 +149,27 @@ def load_sweep(profile: str) -> dict[str, Any]:
     return sweep
 
 
+def method_defaults(profile: str, method: str) -> dict[str, Any]:
+    """The profile's hyperparameters for one method (``method_defaults: {method: {field: value}}``), e.g. the paper
+    profile's LST without layer dropping; a method the block does not name gets {}."""
+    load_profile(profile)  # unknown profile: the usual error
+    block = (yaml.safe_load((PROFILE_DIR / f"{profile}.yaml").read_text()) or {}).get("method_defaults") or {}
+    if not isinstance(block, dict) or not all(isinstance(v, dict) for v in block.values()):
+        raise ConfigError(f"params/{profile}.yaml: method_defaults must be {{method: {{field: value}}}}, got {block}")
+    for name in block:
+        methods.get_method(name)
+    return dict(block.get(method) or {})
+
+
 def make_params(profile: str = "default", **overrides: Any) -> RunParams:
     """Profile values, then overrides (None means "keep the profile's value"), validated.
 
     Override keys that are not RunParams fields are method hyperparameters (e.g. ``rnn="gru"``);
-    the method's own config checks them.
+    the method's own config checks them. They go over the profile's ``method_defaults`` for the method.
     """
     values = load_profile(profile)
-    method_args = dict(values.pop("method_args", None) or {})
+    method = overrides.get("method") or values.get("method", RunParams.method)
+    method_args = method_defaults(profile, method) | dict(values.pop("method_args", None) or {})
     for key, value in overrides.items():
         if key == "method_args":
             method_args.update(value or {})
@@ -146,6 +178,5 @@ def make_params(profile: str = "default", **overrides: Any) -> RunParams:
                 values[key] = value
         elif value is not None:
             method_args[key] = value
-    method = values.get("method", RunParams.method)
     methods.make_config(method, method_args, run_parameters=tuple(n for n in FIELDS if n != "method_args"))
     return RunParams(**values, profile=profile, method_args=method_args).validate()

@@ -66,8 +66,10 @@ def learning_curve(record: dict) -> Figure:
 
 
 def result_table(record: dict) -> pd.DataFrame:
-    """Validation and test metrics of the best checkpoint next to the majority-class baseline."""
+    """Validation and test metrics of the best checkpoint next to the untrained model's (step 0: what the frozen
+    backbone already knows) and the majority-class baseline."""
     rows = {"validation (best epoch)": record["validation"], "test": record["test"],
+            "step 0 (untrained), validation": record.get("step0_validation"),
             "majority class, validation": record["majority_baseline"]["validation"],
             "majority class, test": record["majority_baseline"]["test"]}
     table = pd.DataFrame({k: v for k, v in rows.items() if v is not None}).T
@@ -79,8 +81,10 @@ def glue_table(summaries: list[dict], methods: list[str], tasks: tuple[str, ...]
     """Methods x tasks test scores in % (mean over seeds, as the paper prints them), the average, trainable %.
 
     ``summaries`` are ``readlib.sweep.summary`` results. A task without a result is missing (NaN), never 0;
-    the average is given only when every task has a result. With ``paper`` (``readlib.paper.READ_TABLE1``/``3``),
-    each method gets a second row with the paper's numbers (source column "paper").
+    the average is given only when every task has a result. Each method's row is followed by its step-0 row
+    (source "step 0"): the validation score of the untrained model (frozen backbone plus the method's initial state)
+    of its best run, so a backbone that already answers the task (pre-trained on it) shows. With ``paper``
+    (``readlib.paper.READ_TABLE1``/``3``), each method also gets a row with the paper's numbers (source "paper").
     """
     found = {(s["method"], s["task"]): s for s in summaries}
     rows = []
@@ -91,6 +95,11 @@ def glue_table(summaries: list[dict], methods: list[str], tasks: tuple[str, ...]
         row["avg"] = glue_average(scores, tasks) if len(scores) == len(tasks) else float("nan")
         row["params_pct"] = any_run["record"]["trainable_percent"] if any_run else float("nan")
         rows.append(row)
+        step0 = {t: 100 * found[method, t]["step0_validation"] for t in tasks
+                 if (method, t) in found and found[method, t].get("step0_validation") is not None}
+        rows.append({"method": method, "source": "step 0", **{t: step0.get(t, float("nan")) for t in tasks},
+                     "avg": glue_average(step0, tasks) if len(step0) == len(tasks) else float("nan"),
+                     "params_pct": float("nan")})
         if paper is not None and method in paper:
             rows.append({"method": method, "source": "paper", **{k: paper[method].get(k, float("nan"))
                                                                   for k in (*tasks, "avg", "params_pct")}})

@@ -242,7 +242,8 @@ def records(spec: SweepSpec, storage_url: str | None = None) -> list[dict]:
 
 def summary(spec: SweepSpec, storage_url: str | None = None) -> dict | None:
     """The protocol's result for ``spec``: best learning rate, its validation score, and the test score of
-    each seed run at that learning rate (mean and standard deviation over seeds); None before any run finished."""
+    each seed run at that learning rate (mean and standard deviation over seeds), the best run's step-0 validation
+    score (the untrained model; None in records from before it was recorded); None before any run finished."""
     runs = records(spec, storage_url)
     search = [r for r in runs if r["sweep"]["phase"] == "search" and r["validation"]]
     if not search:
@@ -256,6 +257,7 @@ def summary(spec: SweepSpec, storage_url: str | None = None) -> dict | None:
     return {
         "task": spec.task, "method": spec.method, "method_args": best["method_args"], "lr": best["lr"],
         "validation": best["validation"]["score"], "test_mean": statistics.fmean(tests),
+        "step0_validation": (best.get("step0_validation") or {}).get("score"),
         "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": sorted(by_seed),
         "test_by_seed": tests, "search_runs": len(search), "record": best,
     }

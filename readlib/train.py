@@ -1,5 +1,6 @@
-"""One run (READ Section 3.3): AdamW at a constant learning rate, a total batch reached by gradient
-accumulation, early stopping on the validation score, the best validation checkpoint scored once on test.
+"""One run (READ Section 3.3): AdamW (constant learning rate, or LST's linear warmup and decay), a total batch split
+over processes and reached by gradient accumulation, early stopping on the validation score, the best validation
+checkpoint scored once on test. The validation score before any step (the step-0 score) is recorded too.
 
 ``fit`` reads as its phases: load data → build model → build caches → train epochs → measure costs →
 score test → assemble record. The record says how it was produced (README "Result record").
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import reduce
+from accelerate.utils import gather_object, reduce
 from torch import nn
 from tqdm import tqdm
 
@@ -52,15 +53,40 @@ def processes(device: str) -> PartialState:
 
 
 def sum_over_processes(trained: list[nn.Parameter], step_loss: float, device: torch.device) -> float:
-    """Data parallelism: sum the gradients (and the step loss) of every process's micro-batches.
+    """Data parallelism: sum the gradients (and the step loss) of every process's share of the step.
 
-    Each process's loss is already weighted by its micro-batches' share of the step, so the sum is exactly
-    the gradient of the whole step, and every process takes the same optimizer step (what DDP does, without
+    Each process's loss is already weighted by its examples' share of the step, so the sum is exactly the
+    gradient of the whole step, and every process takes the same optimizer step (what DDP does, without
     wrapping the model: methods keep their own entry points such as ``forward_features``).
     """
     for p in trained:
         p.grad = reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="sum")
     return reduce(torch.tensor(step_loss, device=device, dtype=torch.float64), reduction="sum").item()
+
+
+def shard(n: int, procs: PartialState) -> np.ndarray:
+    """This process's contiguous share of ``n`` items (all of them in a single-process run)."""
+    return np.array_split(np.arange(n), procs.num_processes)[procs.process_index]
+
+
+def autocast(params: RunParams, device: torch.device):
+    """Mixed precision of forward passes (``params.precision``); a no-op context for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate multiplier per optimizer step: 1 (constant), or linear warmup over ``warmup_steps`` then linear
+    decay to 0 at ``total_steps`` (transformers' ``get_linear_schedule_with_warmup``, which LST's scripts use)."""
+    if schedule == "constant":
+        return lambda step: 1.0
+
+    def linear(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return linear
 
 
 def device_description(device: torch.device) -> str:
@@ -112,13 +138,14 @@ def greedy_decode(model: nn.Module, inputs: dict, start_id: int, steps: int) -> 
     return decoded[:, 1:]
 
 
-def parse_generated(task: TaskSpec, tokenizer, ids: torch.Tensor, eos_id: int, references) -> np.ndarray:
+def parse_generated(task: TaskSpec, tokenizer, ids: torch.Tensor, eos_id: int, references,
+                    target_format: str = "lst") -> np.ndarray:
     """Labels of generated targets (cut at end-of-sequence). A string that is no valid target counts
     as wrong, as in T5's GLUE evaluation: another class than the reference, or 0.0 for STS-B."""
     out = []
     for row, ref in zip(ids.tolist(), references, strict=True):
         row = row[: row.index(eos_id)] if eos_id in row else row
-        label = data.t5_label(task, tokenizer.decode(row, skip_special_tokens=True))
+        label = data.t5_label(task, tokenizer.decode(row, skip_special_tokens=True), target_format)
         if label is None:
             label = 0.0 if task.is_regression else (int(ref) + 1) % task.num_labels
         out.append(label)
@@ -127,24 +154,32 @@ def parse_generated(task: TaskSpec, tokenizer, ids: torch.Tensor, eos_id: int, r
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.device, task: TaskSpec,
-            tokenizer=None, eos_id: int | None = None) -> np.ndarray:
+            tokenizer=None, eos_id: int | None = None, procs: PartialState | None = None) -> np.ndarray:
     """Predictions for a whole split, in order: class ids, or scores for regression.
 
-    Text-to-text splits are decoded greedily for as many tokens as their longest target has.
+    Text-to-text splits are decoded greedily for as many tokens as their longest target has. With several
+    processes (``procs``), each predicts a contiguous share of the batches and the shares are gathered in order:
+    every example is in the same batch as in a single-process run, so the predictions are the same.
     """
     model.eval()
     out = []
     text_to_text = split.formulation == "text-to-text"
     steps = max(map(len, split.targets)) if text_to_text else 0
-    for start in range(0, len(split), batch_size):
+    starts = range(0, len(split), batch_size)
+    if procs is not None and procs.num_processes > 1:
+        starts = [starts[i] for i in shard(len(starts), procs)]
+    for start in starts:
         idx = range(start, min(start + batch_size, len(split)))
         if text_to_text:
             inputs, _ = split.batch(idx, device)
             ids = greedy_decode(model, inputs, split.pad_id, steps).cpu()
-            out.append(parse_generated(task, tokenizer, ids, eos_id, split.labels[list(idx)].tolist()))
+            out.append(parse_generated(task, tokenizer, ids, eos_id, split.labels[list(idx)].tolist(),
+                                       split.target_format))
             continue
         logits = forward(model, split, idx, device)[0].float()
         out.append((logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().numpy())
+    if procs is not None and procs.num_processes > 1:
+        out = gather_object([np.concatenate(out) if out else np.zeros(0)])  # one array per process, in rank order
     return np.concatenate(out)
 
 
@@ -172,9 +207,13 @@ class Run:
     def eos_id(self) -> int | None:
         return self.backbone.eos_id if self.backbone.formulation == "text-to-text" else None
 
+    def autocast(self):
+        return autocast(self.params, self.device)
+
     def predictions(self, split: str) -> np.ndarray:
-        return predict(self.model, self.splits[split], self.eval_batch, self.device, self.task,
-                       self.backbone.tokenizer, self.eos_id)
+        with self.autocast():
+            return predict(self.model, self.splits[split], self.eval_batch, self.device, self.task,
+                           self.backbone.tokenizer, self.eos_id, self.procs)
 
     def score(self, split: str) -> dict:
         return compute_metrics(self.params.task, self.predictions(split), self.splits[split].labels.numpy())
@@ -191,12 +230,16 @@ class Training:
     optimizer: torch.optim.Optimizer
     activation_bytes: int | None  # bytes autograd stores for one micro-batch; None before the first step
     energy: dict
+    step0_validation: dict  # validation metrics of the untrained model (frozen backbone + the method's init)
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; a no-op for fp32 and bf16
 
 
 def load_data(params: RunParams) -> tuple[TaskSpec, dict, dict]:
     """(task, raw splits, data record); data problems surface here, before any model is loaded."""
     params.validate()
-    splits, info = data.load_task(params.task, params.data_dir, params.split_seed, params.max_train, params.max_eval)
+    splits, info = data.load_task(params.task, params.data_dir, params.split_seed, params.max_train, params.max_eval,
+                                  split_recipe=params.split_recipe)
     return data.get_task(params.task), splits, info
 
 
@@ -207,8 +250,11 @@ def build_model(params: RunParams, task: TaskSpec, raw_splits: dict, data_info: 
     device = procs.device if procs.num_processes > 1 else resolve_device(params.device)
     backbone = backbones.load(params.backbone, seed=params.seed, formulation=params.formulation)
     model = methods.build(params.method, backbone, task.num_labels, params.method_args).to(device)
+    if params.gradient_checkpointing:
+        methods.enable_gradient_checkpointing(params.method, model)
     eos_id = backbone.eos_id if backbone.formulation == "text-to-text" else None
-    splits = {name: Encoded(ds, backbone.tokenizer, task, params.max_length, eos_id) for name, ds in raw_splits.items()}
+    splits = {name: Encoded(ds, backbone.tokenizer, task, params.max_length, eos_id, params.target_format)
+              for name, ds in raw_splits.items()}
     return Run(params, task, data_info, procs, device, backbone, model, splits)
 
 
@@ -231,25 +277,30 @@ def build_caches(run: Run, progress: bool) -> dict:
             task=params.task, split=name, data=run.data_info, max_length=params.max_length, dtype=params.cache_dtype,
             formulation=backbone.formulation,
         )
-        caches = cache.build_set(model, split, layouts[name], run.eval_batch, run.device, params.cache,
-                                 params.cache_dtype, paths.output("cache", key), progress)
+        # a disk cache is written by the first process and opened by the others once it is complete
+        first = run.procs.main_process_first() if params.cache == "disk" else nullcontext()
+        with first, run.autocast():
+            caches = cache.build_set(model, split, layouts[name], run.eval_batch, run.device, params.cache,
+                                     params.cache_dtype, paths.output("cache", key), progress)
         split.cache = caches if len(caches) > 1 else caches["phi"]
         total += split.cache.nbytes
     return {"mode": params.cache, "dtype": params.cache_dtype, "bytes": total, "seconds": time.time() - start}
 
 
-def train_step(run: Run, step: torch.Tensor, trained: list[nn.Parameter],
-               meter: costs.SavedTensorMeter | None) -> float:
-    """Gradients of one optimizer step, accumulated over this process's micro-batches; returns the step's loss.
-    ``meter`` (the first step only) counts the activations one micro-batch stores."""
+def train_step(run: Run, step: torch.Tensor, trained: list[nn.Parameter], meter: costs.SavedTensorMeter | None,
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """Gradients of one optimizer step: the step's examples are split over the processes (a contiguous share each),
+    each share in micro-batches, every micro-batch's loss weighted by its share of the whole step, and the processes'
+    gradients summed; returns the step's loss. ``meter`` (the first step only) counts the activations one
+    micro-batch stores; ``scaler`` scales the loss for fp16."""
     params, step_loss = run.params, 0.0
-    micros = step.split(params.micro_batch_size)
-    for micro in micros[run.procs.process_index::run.procs.num_processes]:  # this process's share of the step
-        with meter if meter is not None else nullcontext():
+    mine = step[torch.from_numpy(shard(len(step), run.procs))]
+    for micro in mine.split(params.micro_batch_size):
+        with meter if meter is not None else nullcontext(), run.autocast():
             logits, labels = forward(run.model, run.splits["train"], micro, run.device)
             loss = task_loss(logits, labels, run.task.is_regression) * (len(micro) / len(step))
         meter = None
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.item()
     if run.procs.num_processes > 1:
         step_loss = sum_over_processes(trained, step_loss, run.device)
@@ -266,30 +317,37 @@ def run_epoch(run: Run, optimizer: torch.optim.Optimizer, order: torch.Generator
     for step in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
         optimizer.zero_grad(set_to_none=True)
         meter = costs.SavedTensorMeter(run.model) if out.activation_bytes is None else None
-        step_loss = train_step(run, step, trained, meter)
+        step_loss = train_step(run, step, trained, meter, out.scaler)
         if meter is not None:
             out.activation_bytes = meter.bytes
         if not math.isfinite(step_loss):
             out.status = f"stopped: non-finite training loss at epoch {epoch}"
             break
-        optimizer.step()
+        out.scaler.step(optimizer)  # optimizer.step(), after unscaling (and skipping on inf gradients) for fp16
+        out.scaler.update()
+        out.scheduler.step()
         losses.append(step_loss)
     return losses
 
 
 def train_epochs(run: Run, progress: bool, on_epoch: Callable[[dict], None] | None) -> Training:
     """Epochs until ``max_epochs`` or ``patience`` epochs without a better validation score; a non-finite loss
-    stops training, keeping what finished. Energy is metered over training and validation (READ Table 1)."""
+    stops training, keeping what finished. Energy is metered over training and validation (READ Table 1).
+    The learning-rate schedule spans ``max_epochs`` (an early stop ends it before its decay is over)."""
     params, model = run.params, run.model
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=params.learning_rate, weight_decay=params.weight_decay)
+    total_steps = math.ceil(len(run.splits["train"]) / params.batch_size) * params.max_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(params.lr_schedule, params.warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(run.device.type, enabled=params.precision == "fp16")
     order = torch.Generator().manual_seed(params.seed)
-    out = Training([], None, None, "ok", optimizer, None, {})
+    out = Training([], None, None, "ok", optimizer, None, {}, run.score("validation"), scheduler, scaler)
     best_score, bad_epochs = -math.inf, 0
     epochs = tqdm(range(1, params.max_epochs + 1), desc=f"{params.method} on {params.task}", disable=not progress)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    with costs.EnergyMeter(params.energy_interval) as energy:
+    with costs.EnergyMeter(params.energy_interval, device=run.device) as energy:  # this process's GPU only
         for epoch in epochs:
             model.train()
             epoch_start = time.time()
@@ -311,6 +369,8 @@ def train_epochs(run: Run, progress: bool, on_epoch: Callable[[dict], None] | No
                 if bad_epochs >= params.patience:
                     break
     out.energy = energy.result()
+    if run.procs.num_processes > 1:  # every process's GPU, summed (RAPL: once per machine)
+        out.energy = costs.sum_energy(gather_object([out.energy]))
     return out
 
 
@@ -333,7 +393,8 @@ def step_costs(run: Run) -> dict:
     model.train()
 
     def loss() -> torch.Tensor:
-        return task_loss(*forward(model, train, micro, device), run.task.is_regression)
+        with run.autocast():
+            return task_loss(*forward(model, train, micro, device), run.task.is_regression)
 
     train_flops = costs.count_flops(lambda: loss().backward())
     model.zero_grad(set_to_none=True)
@@ -342,7 +403,7 @@ def step_costs(run: Run) -> dict:
     model.zero_grad(set_to_none=True)
     model.eval()
     inputs, _ = validation.batch(torch.arange(min(run.eval_batch, len(validation))), device)
-    with torch.no_grad():
+    with torch.no_grad(), run.autocast():
         inference_flops = costs.count_flops(lambda: model(**inputs))
         timing = costs.latency(lambda: model(**inputs), warmup=1, repeats=LATENCY_REPEATS)
     n = len(inputs["input_ids"])
@@ -385,6 +446,7 @@ def assemble_record(run: Run, training: Training, measured: dict, test: dict | N
         "seed": params.seed,
         "validation": training.best_validation,
         "test": test,
+        "step0_validation": training.step0_validation,
         "majority_baseline": baseline,
         "epochs_run": len(history),
         "best_epoch": max(history, key=lambda r: r["val_score"])["epoch"] if history else None,
@@ -403,6 +465,7 @@ def assemble_record(run: Run, training: Training, measured: dict, test: dict | N
         "backbone_source": run.backbone.source,
         "backbone_pretrained": run.backbone.pretrained,
         "formulation": run.backbone.formulation,
+        "target_format": params.target_format if run.backbone.formulation == "text-to-text" else None,
         "cache": cache_info,
         "data": run.data_info,
         "batch_size": params.batch_size,
@@ -411,6 +474,10 @@ def assemble_record(run: Run, training: Training, measured: dict, test: dict | N
         "max_epochs": params.max_epochs,
         "patience": params.patience,
         "weight_decay": params.weight_decay,
+        "lr_schedule": params.lr_schedule,
+        "warmup_steps": params.warmup_steps if params.lr_schedule != "constant" else None,
+        "precision": params.precision,
+        "gradient_checkpointing": params.gradient_checkpointing,
         "git_commit": git_commit(),
         "readlib_version": readlib.__version__,
         "torch_version": torch.__version__,

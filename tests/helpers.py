@@ -184,3 +184,11 @@ def encode_sentences(backbone, texts=SENTENCES):
     them)."""
     enc = backbone.tokenizer(texts, padding=True, return_tensors="pt")
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def no_dropout(run):
+    """A ``train.Run`` with every dropout off: two runs that share weights then compute the same function."""
+    for module in run.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return run

@@ -8,7 +8,8 @@ from readlib.errors import ConfigError
 from readlib.params import RunParams, load_profile, make_params
 
 RUN_FIELDS = ("task, method, backbone, lr, max_epochs, patience, batch_size, micro_batch_size, max_length, "
-              "formulation, weight_decay, seed, split_seed, max_train, max_eval, data_dir, cache, cache_dtype, "
+              "formulation, target_format, split_recipe, weight_decay, lr_schedule, warmup_steps, precision, "
+              "gradient_checkpointing, seed, split_seed, max_train, max_eval, data_dir, cache, cache_dtype, "
               "device, energy_interval, profile")
 
 
@@ -38,6 +39,7 @@ def test_profiles_are_what_the_yaml_says(profile):
     text = (params.PROFILE_DIR / f"{profile}.yaml").read_text()
     values = yaml.safe_load(text)
     sweep = values.pop("sweep")
+    values.pop("method_defaults", None)  # per method: test_profile_method_defaults_apply_to_their_method_only
     p = make_params(profile)
     assert values and all(getattr(p, k) == v for k, v in values.items())
     assert params.load_sweep(profile) == {"runs": {}} | sweep and {"lr_rounds", "seeds"} <= set(sweep)
@@ -90,6 +92,13 @@ BAD_VALUES = [
     (dict(device="tpu"), ["'tpu'", "auto, cpu, cuda, cuda:N"]),
     (dict(hidden="0"), ["read.hidden", "got 0"]),
     (dict(rnn="lstm2"), ["'lstm2'", "rnn, lstm, gru"]),
+    (dict(lr_schedule="cosine"), ["lr_schedule", "'cosine'", "constant, linear_warmup"]),
+    (dict(warmup_steps=-1), ["warmup_steps", ">= 0", "got -1"]),
+    (dict(precision="fp8"), ["precision", "'fp8'", "fp32, bf16, fp16"]),
+    (dict(target_format="names"), ["target_format", "'names'", "lst, t5"]),
+    (dict(split_recipe="sklearn"), ["split_recipe", "'sklearn'", "lst, numpy"]),
+    (dict(gradient_checkpointing="maybe"), ["gradient_checkpointing", "true or false", "'maybe'"]),
+    (dict(gradient_checkpointing=True), ["gradient_checkpointing", "'read' does not", "full", "lora"]),
 ]
 
 
@@ -101,8 +110,8 @@ def test_bad_values_name_value_and_choices(overrides, needles):
 
 
 def test_unknown_key_lists_both_parameter_kinds():
-    assert error(foo=3) == (f"unknown parameter 'foo'; run parameters: {RUN_FIELDS}; "
-                            "'read' parameters: rnn, hidden, dropout, drop_layers, joiner")
+    assert error(foo=3).startswith(f"unknown parameter 'foo'; run parameters: {RUN_FIELDS}; "
+                                   "'read' parameters: rnn, hidden, dropout, drop_layers, joiner")
     # a READ hyperparameter is unknown to full fine-tuning
     assert error(method="full", rnn="gru").endswith("'full' parameters: dropout")
 
@@ -152,3 +161,13 @@ def test_params_reject_unknown_cache_mode_and_dtype():
         make_params("quick", cache_dtype="int8")
     assert (RunParams().cache, RunParams().cache_dtype) == ("memory", "float32")
     assert make_params("quick", cache="disk", cache_dtype="float16").cache_dtype == "float16"
+
+
+def test_profile_method_defaults_apply_to_their_method_only():
+    lst = make_params("paper", task="rte", method="lst")
+    assert lst.method_args == {"drop_every": 0}  # READ Table 4's LST: every side block kept
+    assert make_params("paper", task="rte", method="lst", drop_every=4).method_args == {"drop_every": 4}
+    assert make_params("paper", task="rte", method="read").method_args == {}
+    assert make_params("default", task="rte", method="lst").method_args == {}
+    paper = load_profile("paper")
+    assert (paper["lr_schedule"], paper["warmup_steps"]) == ("linear_warmup", 500)  # LST's GLUE scripts

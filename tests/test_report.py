@@ -18,8 +18,11 @@ def summary(method, task, score, memory, kwh=None):
 
 
 def test_glue_table_keeps_missing_tasks_missing_and_adds_the_papers_rows():
-    table = report.glue_table([summary("read", "cola", 0.5, 1), summary("read", "mrpc", 0.8, 1)], ["read", "lora"],
-                              paper=paper.READ_TABLE1)
+    cola = summary("read", "cola", 0.5, 1) | {"step0_validation": 0.125}
+    table = report.glue_table([cola, summary("read", "mrpc", 0.8, 1)], ["read", "lora"], paper=paper.READ_TABLE1)
+    assert list(table.source) == ["ours", "step 0", "paper"] * 2
+    step0 = table[table.source == "step 0"].set_index("method")
+    assert step0.loc["read", "cola"] == 12.5 and math.isnan(step0.loc["read", "mrpc"])  # not recorded: missing
     ours = table[table.source == "ours"].set_index("method")
     assert ours.loc["read", "cola"] == 50.0 and ours.loc["read", "mrpc"] == 80.0
     assert math.isnan(ours.loc["read", "sst2"]) and math.isnan(ours.loc["read", "avg"])  # no average of 2 of 7
@@ -37,6 +40,7 @@ def test_write_table_prints_missing_as_a_dash(tmp_path, monkeypatch):
     assert md.startswith("caption") and "| –" in md and "50.00" in md
     assert "\\caption{caption}" in tex and "–" in tex
     assert csv.splitlines()[1].startswith("read,ours,50,,")
+    assert csv.splitlines()[2].startswith("read,step 0,,,")
 
 
 def test_energy_source_preference_and_reason():

@@ -1,5 +1,6 @@
 """readlib.train units: the loss, greedy decoding and parsing, prediction, step costs, the cache phase's keys."""
 
+import contextlib
 import math
 import types
 from pathlib import Path
@@ -83,12 +84,15 @@ def test_parse_generated_cuts_at_eos_and_maps_invalid_to_a_wrong_class(tokenizer
     ids = torch.tensor([row(ent + [SEP] + junk), row(not_ent + [SEP] + ent), row(junk + [SEP]), row(junk + [SEP]),
                         row(ent + ent)])
     refs = [0, 0, 0, 1, 0]
-    out = parse_generated(rte, tokenizer, ids, SEP, refs)
+    out = parse_generated(rte, tokenizer, ids, SEP, refs, "t5")  # T5's class names; LST's "0"/"1" below
     assert out.tolist() == [0, 1, 1, 0, 1]  # junk and "entailment entailment" are the other class
     assert all(p != r for p, r in zip(out[2:], refs[2:], strict=True))
     mnli = data.get_task("mnli")
     junk_rows = torch.tensor([row(junk + [SEP])] * 3)
-    assert parse_generated(mnli, tokenizer, junk_rows, SEP, [0, 1, 2]).tolist() == [1, 2, 0]
+    assert parse_generated(mnli, tokenizer, junk_rows, SEP, [0, 1, 2], "t5").tolist() == [1, 2, 0]
+    lst = torch.tensor([row(ids_of(tokenizer, "1") + [SEP]), row(ids_of(tokenizer, "0")), row(junk + [SEP]),
+                        row(ids_of(tokenizer, "2") + [SEP])])
+    assert parse_generated(rte, tokenizer, lst, SEP, [0, 0, 1, 1]).tolist() == [1, 0, 0, 0]  # "2": no RTE class
     stsb = data.get_task("stsb")
     scores = torch.tensor([row(ids_of(tokenizer, "3.8") + [SEP]), row(junk + [SEP]), row(ids_of(tokenizer, "9.0"))])
     assert parse_generated(stsb, tokenizer, scores, SEP, [3.8, 2.4, 1.0]).tolist() == pytest.approx([3.8, 0.0, 5.0])
@@ -109,7 +113,7 @@ class AnswerModel(torch.nn.Module):
 
 
 def test_predict_decodes_as_many_steps_as_the_longest_target(tokenizer):
-    enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=64, eos_id=SEP)
+    enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=64, eos_id=SEP, target_format="t5")
     model = AnswerModel(ids_of(tokenizer, "not_entailment") + [SEP])
     pred = predict(model, enc, batch_size=1, device=torch.device("cpu"), task=data.get_task("rte"),
                    tokenizer=tokenizer, eos_id=SEP)
@@ -131,7 +135,7 @@ def test_step_costs_flops_by_formula():
     model = methods.build("full", backbone, 2)
     run = types.SimpleNamespace(params=types.SimpleNamespace(micro_batch_size=2), eval_batch=4, model=model,
                                 device=torch.device("cpu"), splits={"train": split, "validation": split},
-                                task=data.get_task("sst2"))
+                                task=data.get_task("sst2"), autocast=contextlib.nullcontext)
     out = train.step_costs(run)
     d, ffn, layers, labels = 64, 128, 2, 2
 
@@ -165,7 +169,8 @@ def fake_backbone(**changes):
 def fake_run(params, model, backbone, splits, data_info):
     """What build_caches reads of a readlib.train.Run."""
     return types.SimpleNamespace(params=params, model=model, backbone=backbone, splits=splits, data_info=data_info,
-                                 eval_batch=16, device=CPU)
+                                 eval_batch=16, device=CPU, autocast=contextlib.nullcontext,
+                                 procs=types.SimpleNamespace(main_process_first=contextlib.nullcontext))
 
 
 DATA_INFO = {"task": "rte", "source": "bundled", "split_seed": 42, "subsample_seed": 0,
@@ -245,3 +250,21 @@ def test_build_caches_off_or_unsupported_method_builds_nothing(monkeypatch):
     for params in (RunParams(method="read", cache="off"), RunParams(method="lora")):  # lora: no trains_from_cache
         assert build_caches(fake_run(params, object(), fake_backbone(), encoded, DATA_INFO), False) == {"mode": "off"}
     assert encoded["train"].cache is None
+
+
+def test_lr_schedules_by_hand():
+    constant = train.lr_lambda("constant", 4, 10)
+    assert [constant(s) for s in range(11)] == [1.0] * 11
+    linear = train.lr_lambda("linear_warmup", 4, 10)  # up over 4 steps, then down to 0 at step 10
+    assert [linear(s) for s in range(12)] == pytest.approx(
+        [0, 0.25, 0.5, 0.75, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0, 0])
+    assert train.lr_lambda("linear_warmup", 0, 4)(0) == 1.0  # no warmup: decay from the first step
+
+
+def test_shard_splits_contiguously_and_covers_everything():
+    def procs(rank, n):
+        return types.SimpleNamespace(process_index=rank, num_processes=n)
+
+    assert [train.shard(5, procs(r, 2)).tolist() for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [train.shard(2, procs(r, 4)).tolist() for r in range(4)] == [[0], [1], [], []]
+    assert train.shard(7, procs(0, 1)).tolist() == list(range(7))

@@ -1,4 +1,4 @@
-"""End to end: the command line in a fresh process (bad input exits 2 fast, real runs, torchrun)."""
+"""End to end: the command line in a fresh process (bad input exits 2 fast, real runs); torchrun: test_distributed."""
 
 import json
 import subprocess
@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from helpers import ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,23 +47,6 @@ def test_splits_table():
     qnli = lines[3].split()
     assert qnli[1:4] == ["103743", "1000", "5463"]  # the Section 3.2 recipe
     assert "False" in qnli  # Table 5 took QNLI's train differently
-
-
-def test_data_parallel_run_under_torchrun_matches_one_process():
-    # two processes each take half of every step's micro-batches; summed gradients give the same training
-    args = ["train", "--task", "rte", "--method", "read", "--profile", "quick", "--max_train", "64", "--max_eval", "16",
-            "--max_epochs", "2", "--batch_size", "32", "--micro_batch_size", "8", "--dropout", "0", "--device", "cpu"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "readlib", *args]
-    two = subprocess.run(torchrun, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    one, _ = cli(*args)
-    assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:]
-    assert len(two.stdout.strip().splitlines()) == 1  # only the first process reports
-    rec2, rec1 = json.loads(two.stdout), json.loads(one.stdout.strip().splitlines()[-1])
-    assert (rec2["processes"], rec1["processes"]) == (2, 1)
-    for a, b in zip(rec2["history"], rec1["history"], strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6) and a["val_score"] == b["val_score"]
-    assert rec2["test"] == rec1["test"]
 
 
 def test_cli_text_to_text_run():

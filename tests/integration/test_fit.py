@@ -113,14 +113,17 @@ def test_record_fields(record):
 
 def test_record_has_the_readme_fields(record):
     # README "Result record", in its order
-    readme = ("task method method_args lr seed validation test majority_baseline epochs_run best_epoch "
+    readme = ("task method method_args lr seed validation test step0_validation majority_baseline epochs_run "
+              "best_epoch "
               "history status trainable_params total_params trainable_percent wall_time_s device processes energy "
               "memory flops latency profile "
-              "backbone backbone_source backbone_pretrained formulation cache data batch_size micro_batch_size "
-              "max_length max_epochs patience weight_decay git_commit readlib_version torch_version "
+              "backbone backbone_source backbone_pretrained formulation target_format cache data batch_size "
+              "micro_batch_size max_length max_epochs patience weight_decay lr_schedule warmup_steps precision "
+              "gradient_checkpointing git_commit readlib_version torch_version "
               "finished_at").split()
     assert list(record) == readme
-    assert set(record["data"]) == {"task", "source", "split_seed", "sizes_full", "sizes_used", "subsample_seed"}
+    assert set(record["data"]) == {"task", "source", "split_seed", "split_recipe", "sizes_full", "sizes_used",
+                                   "subsample_seed"}
     assert all(set(row) == {"epoch", "train_loss", "val_score", "seconds"} for row in record["history"])
     assert set(record["majority_baseline"]) == {"validation", "test"}
     assert set(record["energy"]) == {"seconds", "interval_s", "p0_kw", "nvml_counter", "paper_eq4", "rapl"}
@@ -173,22 +176,24 @@ def test_same_seed_same_record_other_seed_differs(record):
 
 
 def test_early_stopping_and_best_checkpoint(monkeypatch):
-    # validation scores 0.5, 0.7, 0.6, 0.65: best at epoch 2, then 2 epochs without improvement
-    scores = iter([0.5, 0.7, 0.6, 0.65, 0.99, 0.98])
+    # validation scores 0.5, 0.7, 0.6, 0.65: best at epoch 2, then 2 epochs without improvement; 0.1 at step 0
+    scores = iter([0.1, 0.5, 0.7, 0.6, 0.65, 0.99, 0.98])
     monkeypatch.setattr(readlib.train, "compute_metrics", lambda task, pred, ref: {"score": next(scores)})
     spy = Spy(monkeypatch)
     r = run(max_train=16, max_eval=16, max_epochs=6, patience=2)
     assert r["epochs_run"] == 4 and r["best_epoch"] == 2
     assert [row["val_score"] for row in r["history"]] == [0.5, 0.7, 0.6, 0.65]
     assert r["validation"] == {"score": 0.7} and r["test"] == {"score": 0.99}
-    val_states, test_state = spy.at_predict[:-1], spy.at_predict[-1]
+    assert r["step0_validation"] == {"score": 0.1}  # scored before the first step, not a candidate for the best
+    step0, val_states, test_state = spy.at_predict[0], spy.at_predict[1:-1], spy.at_predict[-1]
+    assert not same_state(step0, val_states[0])
     assert len(val_states) == 4
     assert same_state(test_state, val_states[1])  # test runs on the epoch-2 weights
     assert not same_state(test_state, val_states[3])  # not on the last ones
 
 
 def test_patience_one_stops_after_first_worse_epoch(monkeypatch):
-    scores = iter([0.9, 0.8, 0.7, 0.6])
+    scores = iter([0.95, 0.9, 0.8, 0.7, 0.6])  # step 0 scores best: still, only trained epochs are candidates
     monkeypatch.setattr(readlib.train, "compute_metrics", lambda task, pred, ref: {"score": next(scores)})
     r = run(max_train=16, max_eval=16, max_epochs=4, patience=1)
     assert r["epochs_run"] == 2 and r["best_epoch"] == 1
@@ -215,7 +220,7 @@ def test_non_finite_loss_stops_and_keeps_best(monkeypatch):
     assert r["epochs_run"] == 1 and [row["epoch"] for row in r["history"]] == [1]
     assert r["best_epoch"] == 1 and r["validation"]["score"] == r["history"][0]["val_score"]
     assert r["test"] is not None and set(r["test"]) == {"accuracy", "score"}
-    epoch1, test = spy.at_predict
+    _, epoch1, test = spy.at_predict  # step 0, epoch 1, test
     assert same_state(test, epoch1)  # test evaluated from the epoch-1 checkpoint
     assert not same_state(state["at_nan"], epoch1)  # although epoch 2 had already changed the weights
 
@@ -260,3 +265,28 @@ def test_every_method_trains_text_to_text_through_fit(method):
                         max_epochs=1, batch_size=4, micro_batch_size=4, max_length=24), progress=False)
     assert r["status"] == "ok" and r["formulation"] == "text-to-text" and r["epochs_run"] == 1
     assert 0 < r["trainable_params"] < r["total_params"] or method == "full"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_autocast_and_is_recorded(precision):
+    fp32, mixed = run(max_train=16, max_eval=8, max_epochs=1), run(max_train=16, max_eval=8, max_epochs=1,
+                                                                     precision=precision)
+    assert (fp32["precision"], mixed["precision"]) == ("fp32", precision) and mixed["status"] == "ok"
+    a, b = fp32["history"][0]["train_loss"], mixed["history"][0]["train_loss"]
+    assert a != b and b == pytest.approx(a, rel=0.05)  # rounded to 8 (bf16) or 11 (fp16) mantissa bits, no more
+
+
+def test_linear_warmup_schedule_sets_each_steps_learning_rate(monkeypatch):
+    adamw, seen = torch.optim.AdamW, []
+
+    class Recording(adamw):
+        def step(self, closure=None):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    r = run(max_train=32, max_eval=8, max_epochs=2, patience=2, lr=1e-3, lr_schedule="linear_warmup",
+            warmup_steps=2)
+    assert (r["lr_schedule"], r["warmup_steps"]) == ("linear_warmup", 2)
+    # 2 epochs x 2 steps of 16: up over 2 steps, down to 0 at step 4; the last AdamW is step_costs' lr-0 one
+    assert seen[:4] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4]) and seen[4] == 0.0
