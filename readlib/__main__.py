@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 
@@ -85,6 +86,9 @@ def worker(argv: list[str]) -> int:
     for name, kind, default in (("lr_rounds", int, None), ("seeds", int, None), ("storage", str, None),
                                 ("heartbeat", int, 30), ("prune", str, "false")):
         parser.add_argument(f"--{name}", type=kind, default=default)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would draw its own trials: collectives hang
+        raise ConfigError("worker runs in one process (one worker per GPU: CUDA_VISIBLE_DEVICES=N python -m readlib "
+                          "worker ...); for one run on several GPUs use torchrun/accelerate launch with 'train'")
     known, extra = parser.parse_known_args(argv)
     opts = vars(known)
     worker_opts = {k: opts.pop(k) for k in ("lr_rounds", "seeds", "storage", "heartbeat", "prune")}

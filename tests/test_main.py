@@ -88,3 +88,9 @@ def test_worker_bad_input_is_one_line_before_any_model(args, needles, nothing_lo
     assert main(["worker", *args]) == 2
     line = one_error_line(capsys)
     assert all(n in line for n in needles), line
+
+
+def test_worker_refuses_to_run_under_torchrun(nothing_loads, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["worker", "--task", "rte"]) == 2
+    assert "one worker per GPU" in one_error_line(capsys)

@@ -26,6 +26,8 @@ def test_study_name_changes_with_what_changes_results_only():
     lst = spec(method="lst")  # recomputing the side attention changes bytes and time, not a single value
     assert spec(method="lst", method_args={"recompute_attention": False}).name == lst.name
     assert spec(method="lst", method_args={"reduction": 4}).name != lst.name
+    assert spec(overrides=TINY | {"precision": "bf16"}).name != base.name  # recorded in study names, as in records
+    assert spec(method="full", overrides=TINY | {"gradient_checkpointing": True}).name != spec(method="full").name
     keys = {item.split("=")[0] for item in base.name.split("|")}
     assert {"task", "method", "backbone", "max_train", "method_args", "profile"} <= keys
     assert not keys & {"lr", "seed", "device", "cache", "energy_interval"}  # searched, varied, or no effect
