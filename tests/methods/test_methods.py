@@ -382,7 +382,8 @@ def test_make_config_unknown_key():
     with pytest.raises(ConfigError) as e:
         methods.make_config("read", {"rank": "8"})
     assert str(e.value) == ("unknown hyperparameter 'rank' for method 'read'; "
-                            "allowed: rnn, hidden, dropout, drop_layers, joiner")
+                            "allowed: rnn, hidden, dropout, drop_layers, joiner, state_norm, output_bias, "
+                            "output_scale, combine")
     with pytest.raises(ConfigError, match="'rnn' for method 'full'; allowed: dropout"):
         methods.make_config("full", {"rnn": "gru"})
 
