@@ -40,6 +40,9 @@ def test_two_processes_sum_to_one_process_gradients_and_metrics(case, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["record"]["processes"] == 2
+    energy = ranks[0]["record"]["energy"]  # costs.sum_energy of both processes' meters (here: CPU, no GPU metered)
+    assert all(len(energy[source]["ranks"]) == 2 for source in ("nvml_counter", "paper_eq4", "rapl"))
+    assert energy["nvml_counter"]["kwh"] is None and "cpu" in energy["nvml_counter"]["reason"]
     for a, b in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):  # both processes take the same step
         assert torch.equal(a["ids"], b["ids"]) and a["loss"] == b["loss"]
         assert all(torch.equal(x, y) for x, y in zip(a["grads"], b["grads"], strict=True))
