@@ -179,7 +179,8 @@ def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.dev
         logits = forward(model, split, idx, device)[0].float()
         out.append((logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu().numpy())
     if procs is not None and procs.num_processes > 1:
-        out = gather_object([np.concatenate(out) if out else np.zeros(0)])  # one array per process, in rank order
+        gathered = gather_object([np.concatenate(out) if out else None])  # one entry per process, in rank order
+        out = [part for part in gathered if part is not None]  # a process with no batch (more processes than batches)
     return np.concatenate(out)
 
 
