@@ -11,10 +11,10 @@ from helpers import ENV, TINY, spec, trials
 from optuna.trial import TrialState
 
 
-def worker_cmd(url, rounds, seeds, epochs=1):
+def worker_cmd(url, rounds, seeds, epochs=1, heartbeat=1):
     return [sys.executable, "-m", "readlib", "worker", "--task", "rte", "--method", "bitfit", "--profile", "quick",
             "--max_train", "16", "--max_eval", "8", "--max_epochs", str(epochs), "--lr_rounds", str(rounds),
-            "--seeds", str(seeds), "--storage", url, "--heartbeat", "1"]
+            "--seeds", str(seeds), "--storage", url, "--heartbeat", str(heartbeat)]
 
 
 def test_kill_9_mid_trial_then_the_same_command_resumes(tmp_path):
@@ -54,7 +54,9 @@ def test_kill_9_mid_trial_then_the_same_command_resumes(tmp_path):
 def test_two_workers_share_one_storage(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     name = spec(overrides=TINY | {"max_epochs": 2}).name
-    cmd = worker_cmd(url, rounds=4, seeds=2, epochs=2)
+    # heartbeat 5 s: on a loaded 2-core machine a 1 s heartbeat can be missed, and the other worker then fails the
+    # live trial as stale and re-runs it (a duplicate); stale detection itself is test_kill_9_mid_trial_...
+    cmd = worker_cmd(url, rounds=4, seeds=2, epochs=2, heartbeat=5)
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
