@@ -96,10 +96,8 @@ class RunParams:
                               ("target_format", data.TARGET_FORMATS), ("split_recipe", data.SPLIT_RECIPES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} '{getattr(self, name)}'; choose one of: {', '.join(allowed)}")
-        if self.gradient_checkpointing and not methods.get_method(self.method).checkpointing:
-            able = ", ".join(n for n, spec in methods.METHODS.items() if spec.checkpointing)
-            raise ConfigError(f"gradient_checkpointing applies to methods that back-propagate through the backbone "
-                              f"({able}); '{self.method}' does not")
+        if self.gradient_checkpointing:
+            methods.check_checkpointing(self.method)
         if self.cache not in MODES:
             raise ConfigError(f"unknown cache '{self.cache}'; choose one of: {', '.join(MODES)}")
         if self.cache_dtype not in DTYPES:

@@ -98,7 +98,7 @@ BAD_VALUES = [
     (dict(target_format="names"), ["target_format", "'names'", "lst, t5"]),
     (dict(split_recipe="sklearn"), ["split_recipe", "'sklearn'", "lst, numpy"]),
     (dict(gradient_checkpointing="maybe"), ["gradient_checkpointing", "true or false", "'maybe'"]),
-    (dict(gradient_checkpointing=True), ["gradient_checkpointing", "'read' does not", "full", "lora"]),
+    (dict(gradient_checkpointing=True), ["gradient checkpointing", "not to 'read'", "full", "lora"]),
 ]
 
 
