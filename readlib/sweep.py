@@ -153,6 +153,8 @@ def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None) ->
         seed = trial.suggest_int("seed", 0, max(spec.seeds - 1, 0)) if best_lr is not None else 0
         if best_lr is not None and lr != best_lr:  # drawn, not queued: another worker took the last seed run
             raise optuna.TrialPruned("no seed run left")
+        if best_lr is not None and _earlier_twin(trial, {"lr": lr, "seed": seed}):
+            raise optuna.TrialPruned("a raced duplicate of an earlier seed run")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
         def on_epoch(row: dict) -> None:
@@ -168,6 +170,15 @@ def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None) ->
         return float("nan") if score is None else score  # NaN: Optuna marks the trial FAIL (record kept)
 
     return objective
+
+
+def _earlier_twin(trial: optuna.Trial, params: dict) -> bool:
+    """Whether a lower-numbered trial of the study runs or ran the same parameters: two workers enqueueing the seed
+    runs at once can both queue one (``enqueue_trial``'s ``skip_if_exists`` is no lock); the first one runs it."""
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+        if other.number < trial.number and other.system_attrs.get("fixed_params", other.params) == params:
+            return True
+    return False
 
 
 def _run_one(study: optuna.Study, objective, on_trial: Callable[[str], None] | None, label: str) -> None:

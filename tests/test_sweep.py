@@ -7,6 +7,7 @@ end to end through ``readlib.train.fit``.
 
 import dataclasses
 
+import optuna
 import pytest
 from helpers import TINY, spec, trials
 from optuna.trial import TrialState
@@ -122,3 +123,14 @@ def test_studies_draw_different_learning_rates(tmp_path):
         drawn[method] = [t.params["lr"] for t in trials(url, s.name)]
     assert drawn["bitfit"][0] == 1e-3 and drawn["lora"][0] == 5e-4  # round 1: each method's default
     assert drawn["bitfit"][1] != drawn["lora"][1]
+
+
+def test_a_raced_duplicate_seed_run_defers_to_the_earlier_one(tmp_path):
+    # two workers enqueueing the seed runs at once both queue {"lr", "seed": 1}; only the earlier trial may run it
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    params = {"lr": 1e-3, "seed": 1}
+    study.enqueue_trial(params)
+    study.enqueue_trial(params)
+    first, second = study.ask(), study.ask()
+    assert not sweep._earlier_twin(first, params) and sweep._earlier_twin(second, params)
+    assert not sweep._earlier_twin(second, {"lr": 1e-3, "seed": 2})
