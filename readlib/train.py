@@ -423,16 +423,19 @@ def measure_costs(run: Run, training: Training) -> dict:
     return {"memory": memory, **measured}
 
 
-def score_test(run: Run, training: Training) -> dict | None:
-    """Test metrics of the best validation checkpoint (None when no epoch finished)."""
+def score_test(run: Run, training: Training) -> tuple[dict | None, dict | None]:
+    """Test metrics of the best validation checkpoint and its per-example predictions next to the references
+    (for bootstrap intervals over test examples); (None, None) when no epoch finished."""
     if training.best_state is None:
-        return None
+        return None, None
     run.model.load_state_dict(training.best_state, strict=False)
-    return run.score("test")
+    predictions, references = run.predictions("test"), run.splits["test"].labels.numpy()
+    examples = {"predictions": predictions.tolist(), "references": references.tolist()}
+    return compute_metrics(run.params.task, predictions, references), examples
 
 
-def assemble_record(run: Run, training: Training, measured: dict, test: dict | None, cache_info: dict,
-                    seconds: float) -> dict:
+def assemble_record(run: Run, training: Training, measured: dict, test: dict | None, test_examples: dict | None,
+                    cache_info: dict, seconds: float) -> dict:
     """The result record: scores, history, costs, and everything that produced them."""
     params, history = run.params, training.history
     trainable, total = methods.count_parameters(run.model)
@@ -447,6 +450,7 @@ def assemble_record(run: Run, training: Training, measured: dict, test: dict | N
         "seed": params.seed,
         "validation": training.best_validation,
         "test": test,
+        "test_examples": test_examples,
         "step0_validation": training.step0_validation,
         "majority_baseline": baseline,
         "epochs_run": len(history),
@@ -494,5 +498,5 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
     cache_info = build_caches(run, progress)
     training = train_epochs(run, progress, on_epoch)
     measured = measure_costs(run, training)
-    test = score_test(run, training)
-    return assemble_record(run, training, measured, test, cache_info, time.time() - start)
+    test, test_examples = score_test(run, training)
+    return assemble_record(run, training, measured, test, test_examples, cache_info, time.time() - start)
