@@ -158,10 +158,9 @@ def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None) ->
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
         def on_epoch(row: dict) -> None:
-            if phase == "search" and spec.prune:
-                trial.report(row["val_score"], row["epoch"])
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at epoch {row['epoch']}")
+            trial.report(row["val_score"], row["epoch"])  # every trial: learning curves in optuna-dashboard
+            if phase == "search" and spec.prune and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {row['epoch']}")
 
         record = json.loads(json.dumps(fit(spec.params(lr, seed), progress=progress, on_epoch=on_epoch), default=float))
         record["sweep"] = {"study": spec.name, "phase": phase, "trial": trial.number}

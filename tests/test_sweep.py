@@ -134,3 +134,14 @@ def test_a_raced_duplicate_seed_run_defers_to_the_earlier_one(tmp_path):
     first, second = study.ask(), study.ask()
     assert not sweep._earlier_twin(first, params) and sweep._earlier_twin(second, params)
     assert not sweep._earlier_twin(second, {"lr": 1e-3, "seed": 2})
+
+
+def test_every_trial_reports_its_validation_score_per_epoch(tmp_path):
+    # optuna-dashboard draws learning curves from the intermediate values, pruning on or off
+    url, s = f"sqlite:///{tmp_path / 's.db'}", spec(lr_rounds=1, seeds=2, overrides=TINY | {"max_epochs": 2})
+    sweep.run_worker(s, url, heartbeat=1)
+    runs = trials(url, s.name) + trials(url, s.name + "|seeds")
+    assert len(runs) == 2
+    for t in runs:
+        history = t.user_attrs["record"]["history"]
+        assert len(history) == 2 and t.intermediate_values == {row["epoch"]: row["val_score"] for row in history}
