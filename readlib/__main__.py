@@ -1,50 +1,137 @@
 """Command line: a thin layer over the functions the notebooks call.
 
-    python -m readlib train --task mrpc --method read [--profile quick] [--lr 1e-3] [--rnn lstm ...]
+    python -m readlib --help                  every command, one line each; COMMAND --help: its options
+    python -m readlib train --task mrpc --method read [--profile quick] [--lr 1e-3] [--max_train null] [--rnn lstm]
     python -m readlib worker --task cola [--method read,lora] [--storage URL] [--lr_rounds 32] [--seeds 3]
     python -m readlib splits
+    python -m readlib methods [read lora ...]
 
 ``worker`` runs the learning-rate search and seed runs of a task (every method by default) from and
 into a study storage (``readlib.sweep``); start it on as many machines as you like, and again after a
 crash: finished runs are never repeated. It prints one JSON line per method with the protocol's result.
 ``train`` prints progress to stderr and the result record as one JSON line, last, on stdout.
-Options that are not run parameters are the method's hyperparameters (``--rnn``, ``--hidden``, ...).
-Bad input exits with code 2 and a one-line message before any data or model is loaded.
+``methods`` lists every method's hyperparameters with type, default and meaning.
+
+Options are made from dataclasses (``add_options``): one per field, typed by its annotation, its help text the
+field's ``metadata["help"]`` (RunParams in readlib/params.py, each method's Config, WorkerOptions below), so the
+meaning of an option lives in one place. An option not given keeps the profile's value; ``null`` sets a field
+whose type admits None to None, lifting the profile's value (``--max_train null``: the whole training split);
+booleans read true/false/1/0/yes/no. Options that are not run parameters are the method's hyperparameters
+(``--rnn``, ``--hidden``, ...). Bad input exits with code 2 and a one-line message before any data or model is
+loaded; ``--help`` exits 0.
+
+Built on argparse and ``dataclasses.fields`` rather than transformers' ``HfArgumentParser``: that one fills every
+option not given with the dataclass default (a profile's value could not survive), has no way to say None
+(``null``), reports errors as usage plus message, and importing transformers costs a second that bad input
+should not wait for.
+
+Adding a command: a function ``name(argv: list[str]) -> int`` whose docstring's first line says what it does
+(``--help`` shows it), that builds its options with ``command_parser(name)`` (plus ``add_options`` for a
+dataclass) and raises ConfigError for bad input; then one entry in ``COMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 from readlib import methods, sweep
 from readlib.data import split_table
 from readlib.errors import ConfigError, DataNotFoundError
-from readlib.params import FIELDS, RunParams, make_params
+from readlib.params import NULL, NULLABLE, RunParams, make_params
 from readlib.train import fit, processes
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 1
+ALIASES = {"max_epochs": ["--epochs"]}
 
 
-def _train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m readlib train", description="Train and evaluate one run.", allow_abbrev=False
-    )
-    hints = typing.get_type_hints(RunParams)
-    def error(message: str) -> None:  # one line, exit code 2 (via main), like every other bad input
+@dataclass
+class WorkerOptions:
+    """The options of ``worker`` that are not run parameters."""
+
+    lr_rounds: int | None = field(default=None, metadata={
+        "help": "trials of the learning-rate search (null: the profile's sweep block)"})
+    seeds: int | None = field(default=None, metadata={
+        "help": "runs of the best learning rate, the search's own included (null: the profile's sweep block)"})
+    storage: str | None = field(default=None, metadata={
+        "help": "Optuna storage URL, e.g. sqlite:///my.db or postgresql://... (null: outputs/studies.db)"})
+    heartbeat: int = field(default=30, metadata={
+        "help": "seconds between a running trial's heartbeats; a trial silent for 3 beats + 2 s is run again"})
+    prune: bool = field(default=False, metadata={
+        "help": "true | false: median pruning of the learning-rate search's trials"})
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigError: one line, exit code 2 (via main), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
 
-    parser.error = error
-    for name in FIELDS:
-        if name == "method_args":
+
+def command_parser(name: str) -> Parser:
+    """The parser of command ``name``; its description is the first line of the command's docstring."""
+    return Parser(prog=f"python -m readlib {name}", description=summary(COMMANDS[name]), allow_abbrev=False)
+
+
+def summary(command: Callable) -> str:
+    return (command.__doc__ or "").strip().splitlines()[0]
+
+
+def value_parser(name: str, kind: type, nullable: bool) -> Callable[[str], Any]:
+    """Text -> ``kind`` (booleans: true/false/1/0/yes/no); "null" -> NULL where the field admits None."""
+    def parse(text: str) -> Any:
+        if nullable and text.lower() == "null":
+            return NULL
+        try:
+            return methods.coerce(name, text, kind)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return parse
+
+
+def show(value: Any) -> str:
+    """A default as it is typed on the command line: null, true, 0.1, gru."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One ``--name`` option per field of dataclass ``cls`` (``method_args`` aside), typed by its annotation, its
+    help the field's ``metadata["help"]``; not given: None, so that the profile's value is kept."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "method_args":
             continue
-        kind = typing.get_args(hints[name]) or (hints[name],)
-        flags = [f"--{name}"] + (["--epochs"] if name == "max_epochs" else [])
-        # booleans stay strings here ("false" would be True under type=bool); RunParams.validate parses them
-        parser.add_argument(*flags, dest=name, type=str if kind[0] is bool else kind[0], default=None)
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        kind, nullable = kinds[0], type(None) in kinds
+        text = f.metadata["help"].replace("%", "%%") + f" (default: {show(f.default)})"
+        extra = {"nargs": "?", "const": True} if kind is bool else {}  # a bare --flag means true
+        group.add_argument(f"--{f.name}", *ALIASES.get(f.name, []), dest=f.name, default=None, help=text,
+                           type=value_parser(f.name, kind, nullable), **extra,
+                           metavar=kind.__name__.upper() + ("|null" if nullable else ""))
+
+
+def given(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The options of dataclass ``cls`` that were given on the command line."""
+    values = vars(namespace)
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if values.get(f.name) is not None}
+
+
+def run_parser(name: str) -> Parser:
+    """A command's parser with every RunParams field as an option; other options are method hyperparameters."""
+    parser = command_parser(name)
+    parser.epilog = ("Options not given take the profile's value (params/<profile>.yaml), else the default shown. "
+                     f"null sets {', '.join(NULLABLE)} to None, lifting the profile's value. Any other --name value "
+                     "is a hyperparameter of --method: python -m readlib methods lists them.")
+    add_options(parser, RunParams, "run parameters (readlib.params.RunParams)")
     return parser
 
 
@@ -66,8 +153,9 @@ def _method_args(extra: list[str]) -> dict[str, str]:
 
 
 def train(argv: list[str]) -> int:
-    known, extra = _train_parser().parse_known_args(argv)
-    overrides = {k: v for k, v in vars(known).items() if v is not None}
+    """Train and evaluate one run; the result record is the last line on stdout, as JSON."""
+    known, extra = run_parser("train").parse_known_args(argv)
+    overrides = given(known, RunParams)
     params = make_params(overrides.pop("profile", "default"), method_args=_method_args(extra), **overrides)
     record = fit(params)
     if record.get("processes", 1) > 1 and not processes(params.device).is_main_process:
@@ -80,19 +168,15 @@ def train(argv: list[str]) -> int:
 
 
 def worker(argv: list[str]) -> int:
-    parser = _train_parser()
-    parser.prog = "python -m readlib worker"
-    parser.description = "Work on the learning-rate search and seed runs of one task (readlib.sweep)."
-    for name, kind, default in (("lr_rounds", int, None), ("seeds", int, None), ("storage", str, None),
-                                ("heartbeat", int, 30), ("prune", str, "false")):
-        parser.add_argument(f"--{name}", type=kind, default=default)
+    """Work on the learning-rate search and seed runs of one task (readlib.sweep); one JSON line per method."""
+    parser = run_parser("worker")
+    add_options(parser, WorkerOptions, "worker options")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would draw its own trials: collectives hang
         raise ConfigError("worker runs in one process (one worker per GPU: CUDA_VISIBLE_DEVICES=N python -m readlib "
                           "worker ...); for one run on several GPUs use torchrun/accelerate launch with 'train'")
     known, extra = parser.parse_known_args(argv)
-    opts = vars(known)
-    worker_opts = {k: opts.pop(k) for k in ("lr_rounds", "seeds", "storage", "heartbeat", "prune")}
-    overrides = {k: v for k, v in opts.items() if v is not None}
+    opts = WorkerOptions(**{k: None if v is NULL else v for k, v in given(known, WorkerOptions).items()})
+    overrides = given(known, RunParams)
     task, profile = overrides.pop("task", None), overrides.pop("profile", "default")
     if task is None:
         raise ConfigError("worker needs --task")
@@ -100,40 +184,80 @@ def worker(argv: list[str]) -> int:
     method_args = _method_args(extra)
     if method_args and len(names) > 1:
         raise ConfigError(f"method hyperparameters ({', '.join(method_args)}) need a single --method")
-    backbone, prune = overrides.pop("backbone", None), methods.coerce("prune", worker_opts["prune"], bool)
-    specs = [sweep.SweepSpec(task, name, profile, backbone, method_args, overrides, worker_opts["lr_rounds"],
-                             worker_opts["seeds"], prune) for name in names]
+    backbone = overrides.pop("backbone", None)
+    specs = [sweep.SweepSpec(task, name, profile, backbone, method_args, overrides, opts.lr_rounds, opts.seeds,
+                             opts.prune) for name in names]
     for spec in specs:  # every input problem before the first run
         spec.check()
     for spec in specs:
         def done(label: str, method: str = spec.method) -> None:
             print(f"readlib: {method}: {label} done", file=sys.stderr)
 
-        ran = sweep.run_worker(spec, worker_opts["storage"], worker_opts["heartbeat"], progress=True, on_trial=done)
-        result = sweep.summary(spec, worker_opts["storage"]) or {}
+        ran = sweep.run_worker(spec, opts.storage, opts.heartbeat, progress=True, on_trial=done)
+        result = sweep.summary(spec, opts.storage) or {}
         result.pop("record", None)
         print(json.dumps({"task": spec.task, "method": spec.method, "trials_run_here": ran, **result}), flush=True)
     return 0
 
 
 def splits(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m readlib splits",
-                                     description="Split sizes of the paper recipe next to READ Table 5.")
-    parser.parse_args(argv)
+    """Split sizes of the paper recipe next to READ Table 5."""
+    command_parser("splits").parse_args(argv)
     print(split_table().to_string(index=False))
     return 0
 
 
-COMMANDS = {"train": train, "worker": worker, "splits": splits}
+def method_lines(name: str) -> list[str]:
+    """One method as text: default learning rate, formulations, then one line per hyperparameter (option, type,
+    default, meaning)."""
+    spec = methods.get_method(name)
+    notes = [f"default lr {spec.default_lr:g}", f"formulations: {', '.join(spec.formulations)}"]
+    notes += ["trains from the hidden-state cache"] * spec.trains_from_cache
+    notes += ["gradient checkpointing applies"] * spec.checkpointing
+    rows = [(f"--{f.name}", type(f.default).__name__, show(f.default), f.metadata["help"])
+            for f in dataclasses.fields(spec.config)]
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(3)]
+    return [f"{name}: {'; '.join(notes)}"] + [
+        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
+        for row in rows]
+
+
+def methods_command(argv: list[str]) -> int:
+    """Every method (or the ones named) with its hyperparameters: option, type, default, meaning."""
+    parser = command_parser("methods")
+    parser.add_argument("names", nargs="*", metavar="METHOD", help=f"methods to list (default: all: "
+                        f"{', '.join(methods.METHODS)})")
+    names = parser.parse_args(argv).names or list(methods.METHODS)
+    blocks = ["\n".join(method_lines(name)) for name in names]
+    print("\n\n".join(["hyperparameters go after the run parameters: python -m readlib train --method NAME --option "
+                        "value", *blocks]))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": train, "worker": worker, "splits": splits, "methods": methods_command,
+}
+
+
+def usage() -> str:
+    return f"usage: python -m readlib {{{','.join(COMMANDS)}}} [options]"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        width = max(map(len, COMMANDS))
+        print("\n".join([usage(), "", "commands:", *(f"  {name.ljust(width)}  {summary(command)}"
+                                                     for name, command in COMMANDS.items()),
+                         "", "python -m readlib COMMAND --help lists the command's options."]))
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m readlib {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        print(usage(), file=sys.stderr)
         return EXIT_USAGE
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except SystemExit as stop:  # argparse after printing --help
+        return stop.code or 0
     except (ConfigError, DataNotFoundError) as err:
         print(f"readlib: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -7,6 +7,7 @@ milliseconds with a one-line message that names the bad value and the allowed on
 from __future__ import annotations
 
 import dataclasses
+import enum
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,38 +25,68 @@ LR_SCHEDULES = ("constant", "linear_warmup")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+class Null(enum.Enum):
+    """``NULL``: an override that sets a field to None, lifting the profile's value (``--max_train null``).
+
+    An override of None keeps the profile's value (notebooks and the sweep pass None for "not given")."""
+
+    NULL = "null"
+
+
+NULL = Null.NULL
+
+
 @dataclass
 class RunParams:
     """One training run. Sizes are in examples, lengths in tokens, learning rates per step."""
 
-    task: str = "mrpc"
-    method: str = "read"
-    backbone: str = "minilm"
-    lr: float | None = None  # None: the method's DEFAULT_LR
-    max_epochs: int = 30
-    patience: int = 1  # epochs without validation improvement before stopping
-    batch_size: int = 96  # total batch per optimizer step (READ Appendix C.2: 96)
-    micro_batch_size: int = 32  # examples per forward pass; batch_size / micro = accumulation steps
-    max_length: int = 128
-    formulation: str | None = None  # classification | text-to-text; None: text-to-text on T5, else classification
-    target_format: str = "lst"  # text-to-text strings: "lst" (LST/Compacter: label index) | "t5" (T5: class name)
-    split_recipe: str = "lst"  # validation/test rows: "lst" (LST's torch.randperm slices) | "numpy" (our first recipe)
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | linear_warmup (warmup_steps up, then linear decay to 0: LST's scripts)
-    warmup_steps: int = 500  # optimizer steps of linear warmup (lr_schedule=linear_warmup)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of forward passes (fp16 with a gradient scaler)
-    gradient_checkpointing: bool = False  # recompute the backbone's layers in backward (methods that train through it)
-    seed: int = 0
-    split_seed: int = 42  # fixes the paper split; the same for every run of a task
-    max_train: int | None = None  # subsample the training split (None: all of it)
-    max_eval: int | None = None  # subsample validation and test (None: all of them)
-    data_dir: str | None = None
-    cache: str = "memory"  # hidden-state cache for methods that train from backbone states: off|memory|disk
-    cache_dtype: str = "float32"  # float16 halves the cache; float32 gives the same numbers as no cache
-    device: str = "auto"
-    energy_interval: float = 60.0  # seconds between GPU-utilisation samples for READ eq. (4) (the paper: 1 min)
-    profile: str = "default"
-    method_args: dict[str, Any] = field(default_factory=dict)
+    task: str = field(default="mrpc", metadata={"help": "GLUE task: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb"})
+    method: str = field(default="read", metadata={"help": "fine-tuning method (python -m readlib methods lists them)"})
+    backbone: str = field(default="minilm", metadata={
+        "help": "minilm (bundled), t5-small/base/large/3b, random-t5-* / random-bert-* (random weights, "
+                "[:key=value,...]), a hub id org/model or a local save_pretrained folder"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate per step; null: the method's default"})
+    max_epochs: int = field(default=30, metadata={"help": "epochs at most (early stopping may end sooner)"})
+    patience: int = field(default=1, metadata={"help": "epochs without validation improvement before stopping"})
+    batch_size: int = field(default=96, metadata={
+        "help": "total batch per optimizer step, in examples (READ Appendix C.2: 96)"})
+    micro_batch_size: int = field(default=32, metadata={
+        "help": "examples per forward pass; batch_size / micro_batch_size = accumulation steps (memory only)"})
+    max_length: int = field(default=128, metadata={"help": "tokens per input; longer inputs are truncated"})
+    formulation: str | None = field(default=None, metadata={
+        "help": "classification | text-to-text; null: text-to-text on T5, else classification"})
+    target_format: str = field(default="lst", metadata={
+        "help": "text-to-text strings: lst (LST/Compacter: label index) | t5 (T5: class name)"})
+    split_recipe: str = field(default="lst", metadata={
+        "help": "validation/test rows: lst (LST's torch.randperm slices) | numpy (our first recipe)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "constant | linear_warmup (warmup_steps up, then linear decay to 0: LST's scripts)"})
+    warmup_steps: int = field(default=500, metadata={
+        "help": "optimizer steps of linear warmup (lr_schedule linear_warmup)"})
+    precision: str = field(default="fp32", metadata={
+        "help": "fp32 | bf16 | fp16: autocast of forward passes (fp16 with a gradient scaler)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "true | false: recompute the backbone's layers in backward (methods that train through them)"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, data order and dropout"})
+    split_seed: int = field(default=42, metadata={"help": "fixes the paper split; the same for every run of a task"})
+    max_train: int | None = field(default=None, metadata={
+        "help": "subsample the training split to this many examples (null: all of it)"})
+    max_eval: int | None = field(default=None, metadata={
+        "help": "subsample validation and test to this many examples each (null: all of them)"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "folder with <task>/<split>.parquet files (null: the bundled data/glue, else the hub)"})
+    cache: str = field(default="memory", metadata={
+        "help": "hidden-state cache for methods that train from backbone states: off | memory | disk"})
+    cache_dtype: str = field(default="float32", metadata={
+        "help": "float32 | float16: float16 halves the cache; float32 gives the same numbers as no cache"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    energy_interval: float = field(default=60.0, metadata={
+        "help": "seconds between GPU-utilisation samples for READ eq. (4) (the paper: 60)"})
+    profile: str = field(default="default", metadata={
+        "help": "quick | default | paper: params/<profile>.yaml gives the values of the options not given"})
+    method_args: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the method's hyperparameters (its Config fields; on the command line: --name value)"})
 
     def validate(self) -> RunParams:
         """Check every field that can be checked without loading data or models; return self."""
@@ -116,6 +147,7 @@ class RunParams:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunParams)}
+NULLABLE = tuple(name for name, hint in typing.get_type_hints(RunParams).items() if type(None) in typing.get_args(hint))
 
 
 def load_profile(profile: str) -> dict[str, Any]:
@@ -160,7 +192,7 @@ def method_defaults(profile: str, method: str) -> dict[str, Any]:
 
 
 def make_params(profile: str = "default", **overrides: Any) -> RunParams:
-    """Profile values, then overrides (None means "keep the profile's value"), validated.
+    """Profile values, then overrides (None keeps the profile's value, ``NULL`` sets None), validated.
 
     Override keys that are not RunParams fields are method hyperparameters (e.g. ``rnn="gru"``);
     the method's own config checks them. They go over the profile's ``method_defaults`` for the method.
@@ -171,6 +203,10 @@ def make_params(profile: str = "default", **overrides: Any) -> RunParams:
     for key, value in overrides.items():
         if key == "method_args":
             method_args.update(value or {})
+        elif value is NULL:
+            if key not in NULLABLE:
+                raise ConfigError(f"{key} cannot be null; only {', '.join(NULLABLE)} can")
+            values[key] = None
         elif key in FIELDS:
             if value is not None:
                 values[key] = value

@@ -1,5 +1,6 @@
 """The command line in process (readlib.__main__): exit codes and one-line errors before any data is loaded."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,7 +8,9 @@ import pytest
 import readlib.__main__
 import readlib.backbones
 import readlib.data
-from readlib.__main__ import main
+from readlib import methods, sweep
+from readlib.__main__ import COMMANDS, WorkerOptions, main
+from readlib.params import RunParams
 
 
 @pytest.fixture
@@ -73,7 +76,9 @@ def test_unparsable_number_is_one_line(nothing_loads, capsys):
 @pytest.mark.parametrize("args", [[], ["fit"]])
 def test_unknown_command(args, capsys):
     assert main(args) == 2
-    assert capsys.readouterr().err.strip() == "usage: python -m readlib {train,worker,splits} [options]"
+    err = capsys.readouterr().err.strip()
+    assert err == f"usage: python -m readlib {{{','.join(COMMANDS)}}} [options]"
+    assert err.startswith("usage: python -m readlib {train,worker,splits,methods")
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -94,3 +99,156 @@ def test_worker_refuses_to_run_under_torchrun(nothing_loads, capsys, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["worker", "--task", "rte"]) == 2
     assert "one worker per GPU" in one_error_line(capsys)
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    """argparse wraps help at the terminal's width (breaking at hyphens too): one line per option instead."""
+    monkeypatch.setenv("COLUMNS", "1000")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_command_and_exits_0(flag, capsys):
+    assert main([flag]) == 0
+    out = capsys.readouterr().out
+    for name, command in COMMANDS.items():
+        assert f"  {name} " in out and command.__doc__.strip().splitlines()[0] in out
+
+
+def run_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(RunParams) if f.name != "method_args"]
+
+
+def test_train_help_has_every_run_parameter_with_its_help_text(wide, nothing_loads, capsys):
+    assert main(["train", "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and len(run_fields()) == 27
+    for f in run_fields():
+        assert f"--{f.name} " in out and normalised(f.metadata["help"]) in normalised(out), f.name
+    assert "--max_epochs INT, --epochs INT" in out
+    assert "--max_train INT|null subsample the training split" in normalised(out)
+    assert "python -m readlib methods" in normalised(out)  # where the method hyperparameters are listed
+
+
+@pytest.mark.parametrize("command", ["worker", "splits", "methods"])
+def test_every_command_has_help(command, wide, nothing_loads, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m readlib {command} ")
+    if command == "worker":
+        for f in [*run_fields(), *dataclasses.fields(WorkerOptions)]:
+            assert f"--{f.name} " in out and normalised(f.metadata["help"]) in normalised(out), f.name
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """fit replaced by a function that keeps the run parameters it was given."""
+    runs = []
+
+    def fake_fit(params):
+        runs.append(params)
+        return {"status": "ok"}
+
+    monkeypatch.setattr(readlib.__main__, "fit", fake_fit)
+    return runs
+
+
+def test_null_lifts_the_profiles_value(captured, capsys):
+    quick = ["train", "--task", "rte", "--profile", "quick"]
+    assert main(quick) == 0
+    assert (captured[0].max_train, captured[0].max_eval) == (256, 128)  # params/quick.yaml
+    assert main([*quick, "--max_train", "null", "--max_eval", "NULL", "--lr", "null"]) == 0
+    assert (captured[1].max_train, captured[1].max_eval, captured[1].lr) == (None, None, None)
+    assert main([*quick, "--max_train", "64", "--formulation", "null"]) == 0
+    assert (captured[2].max_train, captured[2].formulation) == (64, "classification")  # null: the backbone's
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--gradient_checkpointing", "false"], False),
+    (["--gradient_checkpointing", "False"], False),
+    (["--gradient_checkpointing", "0"], False),
+    (["--gradient_checkpointing", "no"], False),
+    (["--gradient_checkpointing", "true"], True),
+    (["--gradient_checkpointing", "1"], True),
+    (["--gradient_checkpointing", "yes"], True),
+    (["--gradient_checkpointing"], True),
+    (["--gradient_checkpointing=false"], False),
+    ([], False),
+])
+def test_booleans_parse(args, expected, captured, capsys):
+    assert main(["train", "--task", "rte", "--method", "full", "--profile", "quick", *args]) == 0
+    assert captured[0].gradient_checkpointing is expected
+
+
+def test_method_hyperparameters_reach_the_run(captured, capsys):
+    assert main(["train", "--task", "rte", "--profile", "quick", "--rnn", "lstm", "--hidden=128",
+                 "--gradient_checkpointing", "false"]) == 0
+    assert captured[0].method_args == {"rnn": "lstm", "hidden": "128"}
+    assert methods.make_config("read", captured[0].method_args).hidden == 128
+
+
+@pytest.mark.parametrize("args, needles", [
+    pytest.param(["--gradient_checkpointing", "maybe"], ["gradient_checkpointing must be true or false", "'maybe'"],
+                 id="bool"),
+    pytest.param(["--max_epochs", "null"], ["max_epochs must be a int", "'null'"], id="not-nullable"),
+    pytest.param(["--seed", "1.5"], ["seed must be a int", "'1.5'"], id="int"),
+    pytest.param(["--max_train"], ["--max_train", "expected one argument"], id="no-value"),
+])
+def test_bad_values_exit_2_with_one_line(args, needles, nothing_loads, capsys):
+    assert main(["train", "--task", "rte", *args]) == 2
+    line = one_error_line(capsys)
+    assert all(needle in line for needle in needles), line
+
+
+def test_worker_passes_null_booleans_and_hyperparameters_to_the_sweep(nothing_loads, monkeypatch, capsys):
+    specs = []
+    monkeypatch.setattr(sweep, "run_worker", lambda spec, *args, **kwargs: specs.append((spec, args)) or 0)
+    monkeypatch.setattr(sweep, "summary", lambda spec, storage: None)
+    argv = ["worker", "--task", "rte", "--method", "read", "--profile", "quick", "--max_train", "null",
+            "--hidden", "64", "--prune", "true", "--seeds", "2", "--storage", "sqlite:///x.db", "--heartbeat", "7"]
+    assert main(argv) == 0
+    (spec, (storage, heartbeat)), = specs
+    params = spec.params(1e-3, 0)
+    assert (params.max_train, params.max_eval, params.method_args) == (None, 128, {"hidden": "64"})
+    assert (spec.prune, spec.seeds, spec.lr_rounds, storage, heartbeat) == (True, 2, 2, "sqlite:///x.db", 7)
+    assert json.loads(capsys.readouterr().out) == {"task": "rte", "method": "read", "trials_run_here": 0}
+
+
+def method_rows(out: str) -> dict[str, dict[str, list[str]]]:
+    """``methods`` output as {method: {option: [type, default]}}."""
+    rows, current = {}, None
+    for line in out.splitlines():
+        if line and not line.startswith(" ") and ": default lr" in line:
+            current = rows.setdefault(line.partition(":")[0], {})
+        elif line.startswith("  --"):
+            option, kind, default = line.split()[:3]
+            current[option] = [kind, default]
+    return rows
+
+
+def test_methods_lists_every_hyperparameter_with_default_and_meaning(nothing_loads, capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    rows = method_rows(out)
+    assert list(rows) == list(methods.METHODS)
+    assert rows["read"]["--rnn"] == ["str", "gru"] and rows["read"]["--hidden"] == ["int", "256"]
+    assert rows["lora"]["--rank"] == ["int", "32"] and rows["adapter"]["--attention"] == ["bool", "true"]
+    assert "read: default lr 0.001; formulations: classification, text-to-text" in out
+    assert "selective: default lr 5e-05; formulations: classification, causal-lm" in out
+    for name, spec in methods.METHODS.items():
+        fields = dataclasses.fields(spec.config)
+        assert list(rows[name]) == [f"--{f.name}" for f in fields]
+        assert all(f.metadata["help"] in out for f in fields), name
+
+
+def test_methods_names_some_or_refuses_an_unknown_one(nothing_loads, capsys):
+    assert main(["methods", "lora", "read"]) == 0
+    assert list(method_rows(capsys.readouterr().out)) == ["lora", "read"]
+    assert main(["methods", "nope"]) == 2
+    assert "unknown method 'nope'" in one_error_line(capsys)
+    assert main(["methods", "--rank", "3"]) == 2
+    assert "unrecognized arguments: --rank" in one_error_line(capsys)

@@ -63,6 +63,19 @@ def test_overrides():
     assert make_params("quick", method="full").learning_rate == 5e-5  # full's default
 
 
+def test_null_sets_none_and_lifts_the_profiles_value():
+    p = make_params("quick", max_train=params.NULL, max_eval=None, lr=params.NULL, data_dir=params.NULL)
+    assert (p.max_train, p.max_eval, p.lr, p.data_dir) == (None, 128, None, None)  # quick.yaml: 256, 128
+    assert make_params("quick", formulation=params.NULL, backbone="random-t5-tiny").formulation == "text-to-text"
+    assert params.NULLABLE == ("lr", "formulation", "max_train", "max_eval", "data_dir")
+    assert error(max_epochs=params.NULL) == "max_epochs cannot be null; only lr, formulation, max_train, max_eval, " \
+                                            "data_dir can"
+
+
+def test_every_field_says_what_it_means():
+    assert [f.name for f in dataclasses.fields(RunParams) if not f.metadata.get("help")] == []
+
+
 def test_method_hyperparameters_go_to_method_args():
     p = make_params("quick", rnn="lstm", hidden="128", dropout=None)
     assert p.method_args == {"rnn": "lstm", "hidden": "128"}

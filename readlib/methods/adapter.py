@@ -14,7 +14,7 @@ See docs/methods/adapter.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,11 +38,15 @@ NONLINEARITIES = {
 
 @dataclass
 class Config:
-    bottleneck: int = 64  # m; READ Table 7 candidates {32, 64, 128}, final 64
-    nonlinearity: str = "swish"  # f; AdapterHub's Houlsby config
-    attention: bool = True  # adapters after attention too (Houlsby); False: after the feed-forward block only
-    layer_norms: bool = False  # also train the backbone's layer norms (Houlsby; not READ / AdapterHub)
-    dropout: float = 0.1  # head dropout (encoder path)
+    bottleneck: int = field(default=64, metadata={
+        "help": "bottleneck width m; READ Table 7 candidates {32, 64, 128}, final 64"})
+    nonlinearity: str = field(default="swish", metadata={
+        "help": "f: swish | gelu | gelu_new | relu (swish: AdapterHub's Houlsby config)"})
+    attention: bool = field(default=True, metadata={
+        "help": "adapters after attention too (Houlsby); false: after the feed-forward block only"})
+    layer_norms: bool = field(default=False, metadata={
+        "help": "also train the backbone's layer norms (Houlsby; not READ / AdapterHub)"})
+    dropout: float = field(default=0.1, metadata={"help": "head dropout (encoder path)"})
 
     def validate(self) -> None:
         if self.bottleneck < 1:

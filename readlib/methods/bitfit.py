@@ -11,7 +11,7 @@ See docs/methods/bitfit.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ DEFAULT_LR = 1e-3
 
 @dataclass
 class Config:
-    dropout: float = 0.1  # head dropout (encoder path)
+    dropout: float = field(default=0.1, metadata={"help": "head dropout (encoder path)"})
 
     def validate(self) -> None:
         check_dropout("bitfit", self.dropout)

@@ -5,7 +5,7 @@ See docs/methods/full.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -17,7 +17,7 @@ DEFAULT_LR = 5e-5
 
 @dataclass
 class Config:
-    dropout: float = 0.1  # head dropout (encoder path)
+    dropout: float = field(default=0.1, metadata={"help": "head dropout (encoder path)"})
 
     def validate(self) -> None:
         check_dropout("full", self.dropout)

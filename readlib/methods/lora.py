@@ -9,7 +9,7 @@ See docs/methods/lora.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -25,10 +25,10 @@ BERT_TARGETS = ["query", "value"]
 
 @dataclass
 class Config:
-    rank: int = 32  # r; READ Table 7 candidates {8, 16, 32}, final 32
-    alpha: float = 0.0  # α; 0: α = rank (scale 1)
-    lora_dropout: float = 0.0  # dropout on the LoRA branch's input
-    dropout: float = 0.1  # head dropout (encoder path)
+    rank: int = field(default=32, metadata={"help": "rank r; READ Table 7 candidates {8, 16, 32}, final 32"})
+    alpha: float = field(default=0.0, metadata={"help": "scale numerator α (scale α / r); 0: α = rank (scale 1)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    dropout: float = field(default=0.1, metadata={"help": "head dropout (encoder path)"})
 
     def validate(self) -> None:
         if self.rank < 1:

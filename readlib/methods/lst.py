@@ -17,7 +17,7 @@ See docs/methods/lst.md.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -36,12 +36,16 @@ LADDER_STD = 0.01  # N(0, 0.01²) for ladders and upsample, LST's init of plain 
 
 @dataclass
 class Config:
-    reduction: int = 8  # r: side width d/r; 8 on T5-base = side dim 96, READ Table 7's final choice (64/96/128)
-    gate_temperature: float = 0.1  # T in μ_i = sigmoid(α_i / T)
-    drop_every: int = 4  # drop side block i when i % drop_every == 0 (LST's T5 GLUE runs: 0, 4, 8); 0: keep all
-    init: str = "pruned"  # "pruned": side blocks from the L1-pruned backbone (LST); "random": PyTorch defaults
-    dropout: float = 0.1  # head dropout (encoder path)
-    recompute_attention: bool = True  # side attention probabilities recomputed in backward, not stored
+    reduction: int = field(default=8, metadata={
+        "help": "r: side width d/r; 8 on T5-base = side dim 96, READ Table 7's final choice (64/96/128)"})
+    gate_temperature: float = field(default=0.1, metadata={"help": "T in μ_i = sigmoid(α_i / T)"})
+    drop_every: int = field(default=4, metadata={
+        "help": "drop side block i when i % drop_every == 0 (LST's T5 GLUE runs: 0, 4, 8); 0: keep all"})
+    init: str = field(default="pruned", metadata={
+        "help": "'pruned': side blocks from the L1-pruned backbone (LST); 'random': PyTorch defaults"})
+    dropout: float = field(default=0.1, metadata={"help": "head dropout (encoder path)"})
+    recompute_attention: bool = field(default=True, metadata={
+        "help": "side attention probabilities recomputed in backward, not stored"})
 
     def validate(self) -> None:
         if self.reduction < 1:

@@ -9,7 +9,7 @@ See docs/methods/prompt.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,8 +24,9 @@ DEFAULT_LR = 3e-3
 
 @dataclass
 class Config:
-    n_prompts: int = 20  # virtual tokens; READ Table 7 candidates {10, 20, 30}, final 20
-    dropout: float = 0.1  # head dropout (encoder path)
+    n_prompts: int = field(default=20, metadata={
+        "help": "virtual tokens; READ Table 7 candidates {10, 20, 30}, final 20"})
+    dropout: float = field(default=0.1, metadata={"help": "head dropout (encoder path)"})
 
     def validate(self) -> None:
         if self.n_prompts < 1:

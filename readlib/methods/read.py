@@ -20,7 +20,7 @@ See docs/methods/read.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,15 +39,22 @@ NORM_EPS = 1e-6  # the authors' RMSNorm (their T5LayerNorm) default
 
 @dataclass
 class Config:
-    rnn: str = "gru"  # READ Table 7 final choice: GRU
-    hidden: int = 256  # RNN hidden size d_h; Table 7 final choice: 256
-    dropout: float = 0.1  # head dropout (encoder path)
-    drop_layers: int = 0  # drop the backbone's last k encoder and decoder layers (Appendix C.2: 4 for T5-large)
-    joiner: str = "paper"  # "paper": Appendix B.1 (eq. 1 reduced); "gated": eq. (18), the paper's future work
-    state_norm: bool = False  # learnable RMSNorm (weight 1 at start, eps 1e-6) of each φ_i before N; authors' code
-    output_bias: bool = False  # W_o gets a bias b_o (zero at start, like W_o); the authors' projection has one
-    output_scale: float = 1.0  # fixed factor s on the correction s (W_o h + b_o); authors' outputs_scaling_factor
-    combine: str = "last"  # "last": h_N (Algorithm 1); "mean": (h_1 + ... + h_N) / N, the authors' agg_type="mean"
+    rnn: str = field(default="gru", metadata={
+        "help": "recurrent cell N: rnn | lstm | gru (READ Table 7 final choice: gru)"})
+    hidden: int = field(default=256, metadata={"help": "RNN hidden size d_h; Table 7 final choice: 256"})
+    dropout: float = field(default=0.1, metadata={"help": "head dropout (encoder path)"})
+    drop_layers: int = field(default=0, metadata={
+        "help": "drop the backbone's last k encoder and decoder layers (Appendix C.2: 4 for T5-large)"})
+    joiner: str = field(default="paper", metadata={
+        "help": "'paper': Appendix B.1 (eq. 1 reduced); 'gated': eq. (18), the paper's future work"})
+    state_norm: bool = field(default=False, metadata={
+        "help": "learnable RMSNorm (weight 1 at start, eps 1e-6) of each φ_i before N; authors' code"})
+    output_bias: bool = field(default=False, metadata={
+        "help": "W_o gets a bias b_o (zero at start, like W_o); the authors' projection has one"})
+    output_scale: float = field(default=1.0, metadata={
+        "help": "fixed factor s on the correction s (W_o h + b_o); authors' outputs_scaling_factor"})
+    combine: str = field(default="last", metadata={
+        "help": "'last': h_N (Algorithm 1); 'mean': (h_1 + ... + h_N) / N, the authors' agg_type='mean'"})
 
     def validate(self) -> None:
         if self.rnn not in CELLS:

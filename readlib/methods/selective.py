@@ -15,7 +15,7 @@ See docs/methods/selective.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,9 +33,11 @@ DEFAULT_LR = 5e-5
 
 @dataclass
 class Config:
-    k: int = 16  # selected positions per sequence besides the first; paper: 16 (Section 3.1), 4..64 in Figure 2
-    lora_rank: int = 0  # 0: every backbone weight trains; r > 0: LoRA (query/value, alpha = r) trains instead
-    dropout: float = 0.1  # head dropout
+    k: int = field(default=16, metadata={
+        "help": "selected positions per sequence besides the first; paper: 16 (Section 3.1), 4..64 in Figure 2"})
+    lora_rank: int = field(default=0, metadata={
+        "help": "0: every backbone weight trains; r > 0: LoRA (query/value, alpha = r) trains instead"})
+    dropout: float = field(default=0.1, metadata={"help": "head dropout"})
 
     def validate(self) -> None:
         if self.k < 1:

@@ -1,5 +1,6 @@
 """End to end: the command line in a fresh process (bad input exits 2 fast, real runs); torchrun: test_distributed."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,6 +8,8 @@ import time
 from pathlib import Path
 
 from helpers import ENV
+
+from readlib.params import RunParams
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,3 +62,31 @@ def test_cli_text_to_text_run():
         "rte", "read", "random-t5-tiny", "ok")
     assert record["data"]["sizes_used"] == {"train": 16, "validation": 8, "test": 8}
     assert record["epochs_run"] == 1 and record["trainable_params"] == 527_360
+
+
+def test_help_exits_0_and_names_every_option():
+    proc, _ = cli("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert all(f"  {name} " in proc.stdout for name in ("train", "worker", "splits", "methods"))
+    proc, seconds = cli("train", "--help")
+    assert proc.returncode == 0 and proc.stderr == "" and seconds < 20
+    fields = [f.name for f in dataclasses.fields(RunParams) if f.name != "method_args"]
+    assert len(fields) == 27 and all(f"--{name} " in proc.stdout for name in fields)
+    assert "subsample the training split" in proc.stdout
+
+
+def test_methods_lists_hyperparameters_with_defaults():
+    proc, _ = cli("methods")
+    assert proc.returncode == 0 and proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("lora: default lr 0.0005")))
+    assert lines[start + 1].split()[:3] == ["--rank", "int", "32"]
+    rnn = next(line for line in lines if line.strip().startswith("--rnn "))
+    assert rnn.split()[:3] == ["--rnn", "str", "gru"] and "lstm" in rnn
+
+
+def test_a_bad_boolean_exits_2_with_one_line():
+    proc, _ = cli("train", "--task", "rte", "--gradient_checkpointing", "maybe")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["readlib: error: argument --gradient_checkpointing: "
+                                                "gradient_checkpointing must be true or false, got 'maybe'"]
