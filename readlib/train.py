@@ -18,16 +18,17 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
 from torch import nn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 import readlib
-from readlib import backbones, cache, costs, data, methods, paths
+from readlib import backbones, cache, checkpoint, costs, data, methods, paths
 from readlib.data import Encoded, TaskSpec
 from readlib.metrics import compute_metrics, majority_baseline
 from readlib.params import RunParams
@@ -69,9 +70,9 @@ def shard(n: int, procs: PartialState) -> np.ndarray:
     return np.array_split(np.arange(n), procs.num_processes)[procs.process_index]
 
 
-def autocast(params: RunParams, device: torch.device):
-    """Mixed precision of forward passes (``params.precision``); a no-op context for fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.precision)
+def autocast(precision: str, device: torch.device):
+    """Mixed precision of forward passes (fp32 | bf16 | fp16); a no-op context for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -209,7 +210,7 @@ class Run:
         return self.backbone.eos_id if self.backbone.formulation == "text-to-text" else None
 
     def autocast(self):
-        return autocast(self.params, self.device)
+        return autocast(self.params.precision, self.device)
 
     def predictions(self, split: str) -> np.ndarray:
         with self.autocast():
@@ -469,6 +470,7 @@ def assemble_record(run: Run, training: Training, measured: dict, test: dict | N
         "backbone": params.backbone,
         "backbone_source": run.backbone.source,
         "backbone_pretrained": run.backbone.pretrained,
+        "backbone_revision": run.backbone.revision,
         "formulation": run.backbone.formulation,
         "target_format": params.target_format if run.backbone.formulation == "text-to-text" else None,
         "cache": cache_info,
@@ -490,8 +492,22 @@ def assemble_record(run: Run, training: Training, measured: dict, test: dict | N
     }
 
 
-def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train and evaluate one run; return its result record (see README "Result record")."""
+def save_model(run: Run, record: dict, save_dir: str | Path) -> dict:
+    """Write the best checkpoint (loaded by ``score_test``) under ``save_dir`` (``readlib.checkpoint``); return the
+    record's ``saved`` entry (folder, bytes on disk, trained weights' bytes). The first process writes; the others
+    wait for it."""
+    saved = {}
+    if run.procs.is_main_process:
+        meta = checkpoint.describe(run.params, run.backbone, run.task)
+        saved = checkpoint.save(run.model, run.backbone, meta, record, save_dir)
+    run.procs.wait_for_everyone()
+    return saved
+
+
+def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], None] | None = None,
+        save_dir: str | Path | None = None) -> dict:
+    """Train and evaluate one run; return its result record (see README "Result record"). ``save_dir``: also write
+    the best validation checkpoint there (``readlib.checkpoint``; a run without a finished epoch writes nothing)."""
     start = time.time()
     task, raw_splits, data_info = load_data(params)
     run = build_model(params, task, raw_splits, data_info)
@@ -499,4 +515,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
     training = train_epochs(run, progress, on_epoch)
     measured = measure_costs(run, training)
     test, test_examples = score_test(run, training)
-    return assemble_record(run, training, measured, test, test_examples, cache_info, time.time() - start)
+    record = assemble_record(run, training, measured, test, test_examples, cache_info, time.time() - start)
+    if save_dir is not None and training.best_state is not None:
+        record["saved"] = save_model(run, record, save_dir)
+    return record

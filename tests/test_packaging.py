@@ -17,9 +17,9 @@ LAYERS = [
     {"readlib", "errors", "paths", "paper"},
     {"data", "metrics", "backbones", "costs", "derivation"},
     {"methods", "cache"},
-    {"params"},
+    {"params", "checkpoint"},
     {"train"},
-    {"sweep", "scaling"},
+    {"sweep", "scaling", "serve"},
     {"report"},
     {"__main__"},
 ]
