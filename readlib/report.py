@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
 from readlib import paper, paths, sweep
 from readlib.costs import PHASES, in_unit
-from readlib.data import get_task
+from readlib.data import PAPER_TASKS, get_task
+from readlib.errors import ConfigError
 from readlib.metrics import glue_average
 
 METRIC_LABEL = {"mcc": "Matthews correlation", "accuracy": "accuracy",
@@ -106,13 +108,39 @@ def glue_table(summaries: list[dict], methods: list[str], tasks: tuple[str, ...]
     return pd.DataFrame(rows, columns=["method", "source", *tasks, "avg", "params_pct"])
 
 
+def printed(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as printed: floats with two decimals, missing values as "–"."""
+    return table.map(lambda v: "–" if isinstance(v, float) and v != v else (f"{v:.2f}" if isinstance(v, float) else v))
+
+
+TABLE3_METHODS = ["full", "lst", "read"]
+
+
+def glue_tables(template: sweep.SweepSpec, names: list[str], method_args: dict[str, dict] | None = None,
+                storage_url: str | None = None) -> tuple[dict[str, pd.DataFrame], list[dict]]:
+    """READ Tables 1 (``names``) and 3 (full, LST, READ) over the seven GLUE tasks from the studies like
+    ``template`` (``sweep.summaries``), next to the paper's; and the summaries they are built from."""
+    found = sweep.summaries(template, list(dict.fromkeys([*names, *TABLE3_METHODS])), PAPER_TASKS, method_args,
+                            storage_url)
+    tables = {"table1": glue_table(found, names, paper=paper.READ_TABLE1),
+              "table3": glue_table(found, TABLE3_METHODS, paper=paper.READ_TABLE3)}
+    return tables, found
+
+
+def runs_complete(spec: sweep.SweepSpec, storage_url: str | None = None) -> bool:
+    """Whether the storage holds every run of ``spec``: ``lr_rounds`` search runs and a test score for each of the
+    ``seeds`` seeds at the best learning rate (then a worker has nothing to do)."""
+    result = sweep.summary(spec, storage_url)
+    return result is not None and result["search_runs"] >= spec.lr_rounds and len(result["seeds"]) >= spec.seeds
+
+
 def write_table(table: pd.DataFrame, name: str, caption: str) -> dict[str, Path]:
     """``outputs/tables/<name>.{csv,md,tex}``; missing values print as "–" (Markdown/LaTeX) or empty (CSV)."""
     folder = paths.output("tables")
     folder.mkdir(parents=True, exist_ok=True)
     files = {ext: folder / f"{name}.{ext}" for ext in ("csv", "md", "tex")}
     table.to_csv(files["csv"], index=False, float_format="%.4g")
-    shown = table.map(lambda v: "–" if isinstance(v, float) and v != v else (f"{v:.2f}" if isinstance(v, float) else v))
+    shown = printed(table)
     files["md"].write_text(f"{caption}\n\n{shown.to_markdown(index=False, disable_numparse=True)}\n")
     files["tex"].write_text(shown.to_latex(index=False, caption=caption, label=f"tab:{name}") + "\n")
     return files
@@ -299,3 +327,64 @@ def k_ablation_figure(per_k: pd.DataFrame, tasks: list[str]) -> Figure:
            ylabel=f"mean validation score over {'/'.join(tasks)} (%)")
     ax.legend()
     return fig
+
+
+# ---------------------------------------------------------------- every record, outside the notebooks
+
+
+def stored_records(storage_url: str | None = None) -> list[dict]:
+    """Every result record in the storage (all studies, any trial state that kept one), in study and trial order.
+    A SQLite file that does not exist is a ConfigError (rather than a new, empty storage)."""
+    url = storage_url or sweep.default_storage()
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no study storage at {url}: run notebook 03 or a worker first, or pass --storage URL")
+    store = sweep.storage(url)
+    return [t.user_attrs["record"] for name in optuna.get_all_study_names(store)
+            for t in optuna.load_study(study_name=name, storage=store).get_trials(deepcopy=False)
+            if "record" in t.user_attrs]
+
+
+def record_row(record: dict) -> dict:
+    """One record as flat scalar columns (scores as fractions, energy in kWh, memory in bytes, times in s)."""
+    energy, energy_source = run_energy(record)
+    memory, memory_source = run_memory(record)
+    used = (record.get("data") or {}).get("sizes_used") or {}
+    sweep_info = record.get("sweep") or {}
+    return {
+        "task": record["task"], "method": record["method"], "method_args": json.dumps(record["method_args"]),
+        "lr": record["lr"], "seed": record["seed"], "phase": sweep_info.get("phase"),
+        "trial": sweep_info.get("trial"), "status": record.get("status"),
+        "validation_score": (record.get("validation") or {}).get("score"),
+        "test_score": (record.get("test") or {}).get("score"),
+        "step0_validation_score": (record.get("step0_validation") or {}).get("score"),
+        "epochs_run": record.get("epochs_run"), "best_epoch": record.get("best_epoch"),
+        "trainable_params": record.get("trainable_params"), "trainable_percent": record.get("trainable_percent"),
+        "energy_kwh": energy, "energy_source": energy_source, "memory_bytes": memory, "memory_source": memory_source,
+        "wall_time_s": record.get("wall_time_s"), "latency_median_s": (record.get("latency") or {}).get("median_s"),
+        "train_size": used.get("train"), "validation_size": used.get("validation"),
+        "test_size": used.get("test"), "backbone": record.get("backbone"),
+        "backbone_source": record.get("backbone_source"), "profile": record.get("profile"),
+        "formulation": record.get("formulation"), "precision": record.get("precision"),
+        "device": record.get("device"), "processes": record.get("processes"), "git_commit": record.get("git_commit"),
+        "readlib_version": record.get("readlib_version"), "torch_version": record.get("torch_version"),
+        "finished_at": record.get("finished_at"), "study": sweep_info.get("study"),
+    }
+
+
+EXPORT_FORMATS = ("csv", "jsonl")
+EXPORT_COLUMNS = list(record_row({"task": None, "method": None, "method_args": {}, "lr": None, "seed": None}))
+
+
+def export_records(storage_url: str | None, path: Path, fmt: str = "csv") -> int:
+    """Write every record in the storage to ``path``: CSV (one row per record, ``record_row``'s columns) or JSONL
+    (one whole record per line); return the number of records."""
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    found = stored_records(storage_url)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        pd.DataFrame([record_row(r) for r in found], columns=EXPORT_COLUMNS).to_csv(path, index=False)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in found))
+    return len(found)

@@ -20,7 +20,7 @@ LAYERS = [
     {"params", "checkpoint"},
     {"train"},
     {"sweep", "scaling", "serve"},
-    {"report"},
+    {"report", "verdict"},
     {"__main__"},
 ]
 

@@ -1,10 +1,15 @@
 """Paper-style tables and figures from sweep summaries: missing stays missing, costs relative to full tuning."""
 
+import json
 import math
 
 import numpy as np
+import optuna
+import pandas as pd
+import pytest
 
-from readlib import costs, paper, paths, report
+from readlib import costs, paper, paths, report, sweep, verdict
+from readlib.errors import ConfigError
 
 
 def summary(method, task, score, memory, kwh=None):
@@ -78,3 +83,150 @@ def test_phase_table_puts_the_paper_beside_ours_less_its_cuda_context():
     assert list(table["bert full"]) == [1, 2, 3, 4, 5]
     assert list(table["bert full (paper)"]) == [470, 2080, 23974, 24462, 24462]  # Table 1 less 780 MiB
     assert table["bert selective (paper)"].isna().all()  # the paper has no such column: missing, not zero
+
+
+# ---------------------------------------------------------------- verdicts, the report, export
+
+
+def record(task, method, test, memory=100, examples=None, profile="quick", lr=1e-3):
+    """A hand-built result record with what the report reads."""
+    sizes = {"train": 500, "validation": 400, "test": 400}
+    return {"task": task, "method": method, "method_args": {}, "lr": lr, "seed": 0, "profile": profile,
+            "validation": {"score": test}, "test": {"score": test}, "test_examples": examples,
+            "step0_validation": None, "trainable_percent": 1.0, "backbone": "minilm", "status": "ok",
+            "memory": {"cuda_peak_bytes": None, "accounted_total": memory},
+            "energy": {"rapl": {"kwh": None, "reason": "no RAPL"}},
+            "data": {"task": task, "source": "local", "sizes_full": dict(sizes, train=8551), "sizes_used": sizes},
+            "sweep": {"phase": "search", "trial": 0, "study": "s"}, "git_commit": "abc", "finished_at": "2026"}
+
+
+def stored(url, records):
+    """Each record as the single search trial of the study notebook 03 runs for it on its profile's defaults."""
+    for r in records:
+        name = sweep.SweepSpec(r["task"], r["method"], r["profile"]).name
+        study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": r["lr"]}, distributions={"lr": optuna.distributions.FloatDistribution(1e-6, 3e-3, log=True)},
+            value=r["validation"]["score"], user_attrs={"record": r}))
+
+
+def summaries(*records):
+    return {(r["method"], r["task"]): {"method": r["method"], "task": r["task"], "test_mean": r["test"]["score"],
+                                       "test_std": 0.0, "seeds": [0], "record": r} for r in records}
+
+
+def examples(correct, n=100):
+    """Binary predictions of which the first ``correct`` are right."""
+    references = [i % 2 for i in range(n)]
+    return {"predictions": [r if i < correct else 1 - r for i, r in enumerate(references)], "references": references}
+
+
+def test_bootstrap_interval_of_an_accuracy_has_the_binomial_width():
+    ex = examples(70)
+    low, high = verdict.bootstrap_interval("sst2", ex["predictions"], ex["references"])
+    assert low < 0.70 < high
+    binomial = 2 * 1.96 * math.sqrt(0.7 * 0.3 / 100)  # 0.180
+    assert abs((high - low) - binomial) < 0.04
+    assert verdict.bootstrap_interval("sst2", ex["predictions"], ex["references"]) == (low, high)  # fixed seed
+
+
+def test_paired_bootstrap_of_a_difference_draws_the_same_examples_for_both():
+    a, b = examples(70), examples(60)  # a is right wherever b is, and on 10 more examples
+    values = verdict.bootstrap_scores([("sst2", a, b)], resamples=200)
+    assert (values >= 0).all() and abs(values.mean() - 0.10) < 0.01  # paired: never negative
+
+
+def test_a_claim_that_holds_is_reproduced_and_one_that_does_not_differs_by_the_right_amount():
+    check = verdict.score_gap("read", ("full",), 1.0, paper.READ_TABLE1)
+    ev = verdict.Evidence("quick", summaries(record("cola", "read", 0.50), record("cola", "full", 0.505)))
+    assert check(ev)[0] == verdict.REPRODUCED  # -0.5 points: within 1
+    ev = verdict.Evidence("quick", summaries(record("cola", "read", 0.40), record("cola", "full", 0.55),
+                                             record("sst2", "read", 0.80), record("sst2", "full", 0.85)))
+    outcome, detail = check(ev)
+    assert outcome == verdict.DIFFERS
+    assert "read − full = -10.00 points over cola, sst2" in detail  # mean of -15 and -5
+    assert "(paper -0.23)" in detail  # Table 1: (52.59 - 53.97 + 93.80 - 92.89) / 2 = -0.235
+    assert "per-example predictions not recorded" in detail
+
+
+def test_a_difference_gets_a_bootstrap_interval_where_predictions_are_recorded():
+    check = verdict.score_gap("read", ("full",), 1.0, paper.READ_TABLE1)
+    ev = verdict.Evidence("quick", summaries(record("sst2", "read", 0.60, examples=examples(60)),
+                                             record("sst2", "full", 0.70, examples=examples(70))))
+    outcome, detail = check(ev)
+    low, high = (float(x) for x in detail.split("interval [")[1].split("]")[0].split(", "))
+    assert outcome == verdict.DIFFERS and low < -10.0 < high <= 0.0
+
+
+def test_missing_data_is_not_testable_here_with_the_command_that_makes_it():
+    ev = verdict.Evidence("quick")
+    rows = {r["id"]: r for r in verdict.verdicts(ev)}
+    assert rows["read-vs-full"]["verdict"] == verdict.NOT_TESTABLE
+    assert "make reproduce PROFILE=quick" in rows["read-vs-full"]["detail"]
+    assert rows["read-params"]["verdict"] == verdict.NOT_TESTABLE and "04_scaling" in rows["read-params"]["detail"]
+    assert rows["derivation"]["verdict"] == verdict.NOT_TESTABLE
+    assert all(r["verdict"] == verdict.NOT_TESTABLE for r in rows.values())
+
+
+def test_absolute_scores_need_t5_base_on_the_full_training_set():
+    ev = verdict.Evidence("quick", summaries(record("cola", "read", 0.50)))
+    outcome, detail = verdict.table1_absolute(ev)
+    assert outcome == verdict.NOT_TESTABLE and "minilm on 500 of 8551" in detail and "GPU-hours" in detail
+    full = record("cola", "read", 0.5359) | {"backbone": "t5-base"}
+    full["data"]["sizes_used"] = full["data"]["sizes_full"]
+    outcome, detail = verdict.table1_absolute(verdict.Evidence("paper", summaries(full)))
+    assert outcome == verdict.REPRODUCED and "read +1.00 points" in detail  # 53.59 vs 52.59
+
+
+def test_memory_reduction_from_the_records():
+    check = verdict.cost_reduction("memory", 56, 46, 66)
+    ev = verdict.Evidence("quick", summaries(record("cola", "read", 0.5, memory=45), record("cola", "full", 0.5)))
+    outcome, detail = check(ev)
+    assert outcome == verdict.REPRODUCED and "READ 55.0 % below full tuning" in detail
+    ev = verdict.Evidence("quick", summaries(record("cola", "read", 0.5, memory=10), record("cola", "full", 0.5)))
+    assert check(ev)[0] == verdict.DIFFERS
+    outcome, detail = verdict.cost_reduction("energy", 84, 79, 100)(ev)
+    assert outcome == verdict.NOT_TESTABLE and "no RAPL" in detail
+
+
+def test_write_report_from_a_small_storage(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "OUTPUT_DIR", tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    stored(url, [record("cola", "read", 0.50, memory=40), record("cola", "full", 0.60),
+                 record("cola", "lora", 0.45, profile="default")])  # another profile: not in this report
+    files = verdict.write_report(url, "quick", tmp_path / "out", scenarios={})
+    md = files["md"].read_text()
+    n = len(verdict.CLAIMS)
+    assert f"Verdicts: 1 reproduced, 1 differs, {n - 2} not testable here (of {n} claims)" in md
+    assert "read − full = -10.00 points over cola" in md and "READ 60.0 % below full tuning" in md
+    assert "| read     | ours     | 50.00  |" in md  # Table 1 from the storage
+    assert "missing: " in md and "3 records" not in md and "2 records of profile quick" in md
+    assert "<strong>Verdicts: 1 reproduced" in files["html"].read_text()
+    with pytest.raises(ConfigError, match="profile"):
+        verdict.write_report(url, "nope", tmp_path / "out", scenarios={})
+
+
+def test_runs_complete_reads_the_study_state(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = sweep.SweepSpec("cola", "read", "quick", lr_rounds=1, seeds=1)
+    assert not report.runs_complete(spec, url)
+    stored(url, [record("cola", "read", 0.5)])
+    assert report.runs_complete(spec, url)
+    assert not report.runs_complete(sweep.SweepSpec("cola", "read", "quick", lr_rounds=2, seeds=1), url)
+
+
+def test_export_records_as_csv_and_jsonl(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    stored(url, [record("cola", "read", 0.5, memory=40), record("sst2", "full", 0.75, profile="default")])
+    assert report.export_records(url, tmp_path / "r.csv") == 2
+    table = pd.read_csv(tmp_path / "r.csv").set_index("task")
+    assert table.loc["sst2", "test_score"] == 0.75 and table.loc["cola", "memory_bytes"] == 40
+    assert table.loc["cola", "profile"] == "quick" and table.loc["cola", "train_size"] == 500
+    assert list(table.columns[:5]) == ["method", "method_args", "lr", "seed", "phase"]
+    assert report.export_records(url, tmp_path / "r.jsonl", "jsonl") == 2
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert {r["task"]: r for r in lines}["cola"] == record("cola", "read", 0.5, memory=40)
+    with pytest.raises(ConfigError, match="export format"):
+        report.export_records(url, tmp_path / "r.xml", "xml")
+    with pytest.raises(ConfigError, match="no study storage"):
+        report.export_records(f"sqlite:///{tmp_path / 'none.db'}", tmp_path / "r.csv")
