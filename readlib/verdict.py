@@ -3,7 +3,7 @@ provenance, and one verdict per paper claim (``CLAIMS``) — reproduced, differs
 
 It reads the study storage, the result files under outputs/results and the tables the notebooks wrote under
 outputs/tables; it never trains and never downloads. The few shape-only numbers no notebook writes as a table
-(``shape_scenarios``) are computed on the meta device, about 30 s on a 2-core CPU. Output: outputs/REPORT.md and
+(``shape_scenarios``) are computed on the meta device, about 45 s on a shared 2-core CPU. Output: outputs/REPORT.md and
 outputs/REPORT.html (``write_report``).
 """
 
@@ -84,6 +84,7 @@ class Evidence:
     summaries: dict[tuple[str, str], dict] = field(default_factory=dict)  # (method, task) -> sweep.summary
     records: list[dict] = field(default_factory=list)  # every record of the profile: storage and outputs/results
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # outputs/tables/<name>.csv
+    glue: dict[str, pd.DataFrame] = field(default_factory=dict)  # report.glue_tables of the summaries
     scenarios: dict[str, Any] = field(default_factory=dict)  # shape_scenarios()
 
 
@@ -106,7 +107,7 @@ def read_tables(profile: str) -> dict[str, pd.DataFrame]:
 
 
 def shape_scenarios() -> dict[str, Any]:
-    """Shape-only numbers that no notebook writes as a table, on the meta device (about 30 s on a 2-core CPU):
+    """Shape-only numbers that no notebook writes as a table, on the meta device (about 45 s on a shared 2-core CPU):
     trainable parameters per PETL method on T5-small and -large (Figure 5 left), accounted training memory of full
     tuning on T5-base and READ on T5-large without its last 4 layers (Figure 5 right, batch 48 x 128), TokenTune's
     peak memory at batch 512 (Figure 2 left), the derivation's log-log slopes (Appendix A), the split table."""
@@ -140,9 +141,9 @@ def collect(storage_url: str | None, profile: str, scenarios: dict[str, Any] | N
     stored = report.stored_records(url)
     results = sorted(paths.output("results").glob("*.json"))
     records = [r for r in stored + [json.loads(p.read_text()) for p in results] if r.get("profile") == profile]
-    found = sweep.summaries(glue_template(profile), list(methods.METHODS), paper.TABLE1_TASKS, storage_url=url)
+    glue, found = report.glue_tables(glue_template(profile), list(methods.METHODS), storage_url=url)
     return Evidence(profile, {(s["method"], s["task"]): s for s in found}, records, read_tables(profile),
-                    shape_scenarios() if scenarios is None else scenarios)
+                    glue, shape_scenarios() if scenarios is None else scenarios)
 
 
 # ---------------------------------------------------------------- claims
@@ -661,20 +662,21 @@ FIGURES = [  # (title, file under outputs/figures with {profile}, notebook, the 
 ]
 
 
-def _artifact_blocks(ev: Evidence, tables: dict[str, pd.DataFrame], out_dir: Path) -> list[Block]:
+def _artifact_blocks(ev: Evidence, out_dir: Path) -> list[Block]:
     setting = f"profile {ev.profile}, notebook 03's studies"
     blocks: list[Block] = [("h", 2, "Tables and figures, ours beside the paper's")]
     glue_missing = f"no GLUE runs for profile {ev.profile}: {notebook_command('03_glue', ev.profile)} per task"
-    found = [s for s in ev.summaries.values() if s["method"] in tables["table1"].method.values]
-    blocks += _table_block("READ Table 1: GLUE test scores (%)", tables["table1"] if found else None,
+    found = list(ev.summaries.values())
+    blocks += _table_block("READ Table 1: GLUE test scores (%)", ev.glue["table1"] if found else None,
                            f"Ours ({setting}; {_setting(found) if found else ''}) next to the paper's (T5-base). "
                            "Step 0: the untrained model's validation score.", glue_missing)
-    for name, title, notebook in (("table2_inference_memory", "READ Table 2: inference memory (GB)", "04_scaling"),):
-        blocks += _table_block(title, *_notebook_table(ev, name, notebook), notebook_command(notebook, ev.profile))
-    blocks += _table_block("READ Table 3: LST vs READ (%)", tables["table3"] if found else None,
+    scaling_missing = notebook_command("04_scaling", ev.profile)
+    blocks += _table_block("READ Table 2: inference memory (GB)",
+                           *_notebook_table(ev, "table2_inference_memory", "04_scaling"), scaling_missing)
+    blocks += _table_block("READ Table 3: LST vs READ (%)", ev.glue["table3"] if found else None,
                            f"Ours ({setting}) next to the paper's (T5-base).", glue_missing)
-    for name, title, notebook in (("table4_t5_base", "READ Table 4: T5-base efficiency", "04_scaling"),):
-        blocks += _table_block(title, *_notebook_table(ev, name, notebook), notebook_command(notebook, ev.profile))
+    blocks += _table_block("READ Table 4: T5-base efficiency", *_notebook_table(ev, "table4_t5_base", "04_scaling"),
+                           scaling_missing)
     splits = ev.scenarios.get("splits")
     blocks += _table_block("READ Table 5: split sizes", splits, "Section 3.2's recipe on the official GLUE sizes "
                            "next to Table 5's (`python -m readlib splits`).", "not computed")
@@ -747,13 +749,12 @@ def write_report(storage_url: str | None = None, profile: str = "default", out_d
                  scenarios: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write ``REPORT.md`` and ``REPORT.html`` into ``out_dir`` (default outputs/) for ``profile`` from the
     storage (default outputs/studies.db), outputs/results and outputs/tables; return {"md": path, "html": path}.
-    ``scenarios``: precomputed ``shape_scenarios()`` (None: computed here, about 30 s)."""
+    ``scenarios``: precomputed ``shape_scenarios()`` (None: computed here, about 45 s)."""
     url = storage_url or sweep.default_storage()
     sweep.SweepSpec(paper.TABLE1_TASKS[0], "read", profile)  # an unknown profile fails here, before any work
     out_dir = Path(out_dir) if out_dir is not None else paths.OUTPUT_DIR
     ev = collect(url, profile, scenarios)
     rows = verdicts(ev)
-    tables, _ = report.glue_tables(glue_template(profile), list(methods.METHODS), storage_url=url)
     title = f"Reproduction report: READ and TokenTune, profile {profile}"
     blocks: list[Block] = [
         ("h", 1, title),
@@ -763,7 +764,7 @@ def write_report(storage_url: str | None = None, profile: str = "default", out_d
               "holds for this profile's backbone and data (see Provenance): relative claims are tested on our "
               "runs, absolute T5-base numbers only by the paper profile."),
         *_verdict_blocks(rows),
-        *_artifact_blocks(ev, tables, out_dir),
+        *_artifact_blocks(ev, out_dir),
         *_provenance_blocks(ev, url),
         ("h", 2, "The claims and how each is tested"),
         ("table", pd.DataFrame(rows)[["id", "source", "claim", "test", "tolerance"]]),
