@@ -8,12 +8,13 @@ NOTEBOOKS := $(wildcard notebooks/[0-9]*.ipynb)
 
 .PHONY: setup reproduce test lint clean
 
-# torch first and pinned: a looser spec (or letting a dependency pull it) fetches a multi-GB CUDA build.
-$(BIN)/.installed: pyproject.toml
+# torch first and pinned: a looser spec (or letting a dependency pull it) fetches a multi-GB CUDA build. Then
+# readlib with its dev and notebooks extras at the exact versions of constraints.txt (pyproject.toml has ranges).
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,notebooks]"
 	touch $@
 
 setup: $(BIN)/.installed

@@ -1,5 +1,5 @@
-"""The package as a whole: pins, and the import graph (acyclic, lower layers never import higher ones, no readlib
-import inside a function).
+"""The package as a whole: dependency ranges and their pins (constraints.txt), and the import graph (acyclic, lower
+layers never import higher ones, no readlib import inside a function).
 """
 
 import ast
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 PACKAGE = Path(__file__).resolve().parents[1] / "readlib"
 
@@ -140,27 +142,83 @@ def test_every_import_inside_a_function_says_why():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pins(specs):
+def constraint_pins(text: str) -> dict[str, str]:
+    """A constraints file as {canonical name: exact version}; anything but ``name==version`` fails."""
     out = {}
-    for spec in specs:
-        name, sep, version = spec.partition("==")
-        if sep:
-            out[name.strip().lower()] = version.strip()
+    for line in text.splitlines():
+        line = line.partition("#")[0].strip()
+        if line:
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==" and not requirement.extras and not requirement.marker, line
+            out[canonicalize_name(requirement.name)] = spec.version
     return out
 
 
-def test_environment_yml_matches_pyproject():
+def pyproject_requirements() -> dict[str, list[Requirement]]:
+    """Runtime dependencies and each extra: {"runtime" | extra name: requirements}."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    groups = {"runtime": project["dependencies"], **project["optional-dependencies"]}
+    return {group: [Requirement(spec) for spec in specs] for group, specs in groups.items()}
+
+
+def unpinned(groups: dict[str, list[Requirement]], pins: dict[str, str]) -> list[str]:
+    """Requirements with no pin, or whose range does not admit the pin."""
+    problems = []
+    for group, requirements in groups.items():
+        for requirement in requirements:
+            pin = pins.get(canonicalize_name(requirement.name))
+            if pin is None:
+                problems.append(f"{group}: {requirement} has no pin")
+            elif not requirement.specifier.contains(pin, prereleases=True):
+                problems.append(f"{group}: {requirement} does not admit the pin {pin}")
+    return problems
+
+
+PINS = constraint_pins((ROOT / "constraints.txt").read_text())
+
+
+def test_every_dependency_and_extra_has_a_pin_that_its_range_admits():
+    groups = pyproject_requirements()
+    assert {"runtime", "dev", "notebooks", "postgres"} <= set(groups)
+    assert unpinned(groups, PINS) == []
+    assert {"ipywidgets", "psycopg2-binary", "nvidia-ml-py"} <= set(PINS)
+
+
+def test_the_pin_check_sees_a_missing_pin_and_one_out_of_range():
+    groups = {"runtime": [Requirement("torch>=2.6"), Requirement("numpy<3")]}
+    assert unpinned(groups, {"torch": "2.5.1"}) == ["runtime: torch>=2.6 does not admit the pin 2.5.1",
+                                                     "runtime: numpy<3 has no pin"]
+
+
+def test_dependencies_are_ranges_not_pins():
+    pinned = [str(r) for reqs in pyproject_requirements().values() for r in reqs
+              if any(spec.operator in ("==", "===") for spec in r.specifier)]
+    assert pinned == []
+
+
+def test_an_existing_cuda_torch_is_kept():
+    """readlib installed into an environment with a CUDA build of torch leaves it there: the range admits it."""
+    torch = next(r for r in pyproject_requirements()["runtime"] if r.name == "torch").specifier
+    for version in ("2.6.0+cu124", "2.8.0+cu128", "2.13.0", "2.13.0+cpu", PINS["torch"]):
+        assert torch.contains(version), version
+    assert not torch.contains("2.5.1+cu121")  # transformers 5 disables itself on torch < 2.6
+
+
+def test_environment_yml_lists_the_constraints_pins():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert pins(pip_section) == pins(project["dependencies"])
-    assert len(pins(project["dependencies"])) == len(project["dependencies"]), "every dependency is pinned"
+    specs = [line for line in pip_section if not line.startswith("-e ")]
+    assert constraint_pins("\n".join(specs)) == PINS and len(specs) == len(PINS)
+    assert pip_section[-1] == "-e .[dev,notebooks]"
     python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
     assert project["requires-python"] == ">=" + python.partition("=")[2]
 
 
-def test_torch_is_installed_pinned_first():
+def test_torch_is_installed_pinned_first_then_the_rest_under_the_constraints():
     makefile = (ROOT / "Makefile").read_text()
-    torch_pin = pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])["torch"]
-    assert f"pip install --quiet torch=={torch_pin}" in makefile
-    assert makefile.index("torch==") < makefile.index("install --quiet -e .")
+    torch = f"pip install --quiet torch=={PINS['torch']}"
+    rest = 'pip install --quiet -c constraints.txt -e ".[dev,notebooks]"'
+    assert torch in makefile and rest in makefile
+    assert makefile.index(torch) < makefile.index(rest)
