@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import time
@@ -20,13 +21,14 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from readlib import data, methods, paper, paths
+from readlib import checkpoint, data, methods, paper, paths
 from readlib.errors import ConfigError
 from readlib.params import RunParams, load_sweep, make_params
 from readlib.train import fit
@@ -144,8 +146,34 @@ def _consumed(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state in FINISHED + ACTIVE or (trial.state == TrialState.FAIL and "record" in trial.user_attrs)
 
 
-def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None) -> Callable[[optuna.Trial], float]:
-    """Search trials (``best_lr`` None) draw the learning rate; seed runs get it and the seed from the queue."""
+def model_dir(spec: SweepSpec, save_dir: str | Path) -> Path:
+    """Where a worker with ``save_dir`` keeps the best run of ``spec`` (``readlib.checkpoint`` folder):
+    ``<save_dir>/<task>_<method>_<8 hex digits of the study name>`` (the study name covers the method's
+    hyperparameters and every run parameter that changes a result)."""
+    return Path(save_dir).expanduser() / f"{spec.task}_{spec.method}_{zlib.crc32(spec.name.encode()):08x}"
+
+
+def _keep_if_best(trial_dir: Path, target: Path, score: float | None) -> bool:
+    """Move a trial's saved model to ``target`` when its validation score beats the one kept there (the best run
+    over the search and seed runs), else delete it; whether it was kept."""
+    kept = None
+    if (target / checkpoint.META).is_file():
+        kept = ((json.loads((target / checkpoint.META).read_text())["record"].get("validation") or {}).get("score"))
+    if score is None or not trial_dir.is_dir() or (kept is not None and kept >= score):
+        shutil.rmtree(trial_dir, ignore_errors=True)
+        return False
+    old = target.with_name(target.name + f".replaced-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    trial_dir.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None,
+               save_dir: str | Path | None = None) -> Callable[[optuna.Trial], float]:
+    """Search trials (``best_lr`` None) draw the learning rate; seed runs get it and the seed from the queue.
+    ``save_dir``: each run is saved, and kept in ``model_dir`` while it is the best run of ``spec``."""
     phase = "search" if best_lr is None else "seeds"
 
     def objective(trial: optuna.Trial) -> float:
@@ -162,10 +190,15 @@ def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None) ->
             if phase == "search" and spec.prune and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {row['epoch']}")
 
-        record = json.loads(json.dumps(fit(spec.params(lr, seed), progress=progress, on_epoch=on_epoch), default=float))
+        target = None if save_dir is None else model_dir(spec, save_dir)
+        trial_dir = None if target is None else target.with_name(f".{target.name}.{phase}-{trial.number}")
+        record = fit(spec.params(lr, seed), progress=progress, on_epoch=on_epoch, save_dir=trial_dir)
+        record = json.loads(json.dumps(record, default=float))
         record["sweep"] = {"study": spec.name, "phase": phase, "trial": trial.number}
-        trial.set_user_attr("record", record)
         score = (record["validation"] or {}).get("score")
+        if "saved" in record:  # where the model is: the kept best run's folder, or nowhere (a better run exists)
+            record["saved"]["dir"] = str(target) if _keep_if_best(trial_dir, target, score) else None
+        trial.set_user_attr("record", record)
         return float("nan") if score is None else score  # NaN: Optuna marks the trial FAIL (record kept)
 
     return objective
@@ -187,11 +220,12 @@ def _run_one(study: optuna.Study, objective, on_trial: Callable[[str], None] | N
 
 
 def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int = 30, progress: bool = False,
-               on_trial: Callable[[str], None] | None = None) -> int:
+               on_trial: Callable[[str], None] | None = None, save_dir: str | Path | None = None) -> int:
     """Work on ``spec`` until its search and seed runs are all finished; return the number of trials run here.
 
     Safe to run in many processes on one storage at once, and to re-run after a crash (module docstring).
-    ``on_trial`` is called with a short label after each trial this worker finishes.
+    ``on_trial`` is called with a short label after each trial this worker finishes. ``save_dir``: the best run
+    (highest validation score over search and seed runs) is kept as a model folder in ``model_dir(spec, save_dir)``.
     """
     spec.check()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -207,7 +241,7 @@ def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int =
             # a fresh draw per trial, reproducible for one worker, and different for every study
             study = _study(spec, store, sampler_seed=(zlib.crc32(spec.name.encode()) + len(trials)) % 2**31)
             number = sum(t.state != TrialState.WAITING for t in trials) + 1
-            _run_one(study, _objective(spec, progress), on_trial, f"search {number}")
+            _run_one(study, _objective(spec, progress, save_dir=save_dir), on_trial, f"search {number}")
             ran += 1
             continue
         if any(t.state == TrialState.RUNNING for t in trials):  # another worker's (or a stale) search trial
@@ -223,7 +257,7 @@ def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int =
         states = [t.state for t in seeds.get_trials(deepcopy=False)  # queued trials keep their params aside
                   if t.system_attrs.get("fixed_params", t.params).get("lr") == best.params["lr"]]
         if TrialState.WAITING in states:
-            _run_one(seeds, _objective(spec, progress, best.params["lr"]), on_trial, "seed run")
+            _run_one(seeds, _objective(spec, progress, best.params["lr"], save_dir), on_trial, "seed run")
             ran += 1
         elif TrialState.RUNNING in states:
             time.sleep(heartbeat)

@@ -12,7 +12,7 @@ import pytest
 from helpers import TINY, spec, trials
 from optuna.trial import TrialState
 
-from readlib import backbones, sweep
+from readlib import backbones, checkpoint, sweep
 from readlib.errors import ConfigError, DataNotFoundError
 from readlib.params import RunParams
 
@@ -145,3 +145,19 @@ def test_every_trial_reports_its_validation_score_per_epoch(tmp_path):
     for t in runs:
         history = t.user_attrs["record"]["history"]
         assert len(history) == 2 and t.intermediate_values == {row["epoch"]: row["val_score"] for row in history}
+
+
+def test_a_worker_keeps_the_best_run_as_a_model_folder(tmp_path):
+    # every run is saved; the folder ends up holding the one with the best validation score, nothing else is left
+    url, s = f"sqlite:///{tmp_path / 's.db'}", spec(lr_rounds=3, seeds=2)
+    sweep.run_worker(s, url, heartbeat=1, save_dir=tmp_path / "models")
+    records = sweep.records(s, url)  # in the order they ran (one worker): search trials, then the seed run
+    target = sweep.model_dir(s, tmp_path / "models")
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [target.name]
+    best_score = max(r["validation"]["score"] for r in records)
+    first_best = next(r for r in records if r["validation"]["score"] == best_score)  # a tie keeps the earlier run
+    kept = checkpoint.read_meta(target)
+    assert (kept["record"]["lr"], kept["seed"]) == (first_best["lr"], first_best["seed"])
+    assert first_best["saved"]["dir"] == str(target)
+    assert all(r["saved"]["dir"] in (str(target), None) for r in records)
+    assert all(r["saved"]["bytes"] > r["saved"]["weights_bytes"] > 0 for r in records)
