@@ -7,6 +7,7 @@ READ's code base is LST's (github.com/ylsung/Ladder-Side-Tuning), whose ``seq2se
 format below reproduce it.
 """
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -92,18 +93,29 @@ def _candidates(data_dir: str | Path | None) -> list[Path]:
     return dirs + [BUNDLED_DIR]
 
 
-def local_files(task: str, data_dir: str | Path | None = None) -> dict[str, Path] | None:
-    """Parquet file per hub split from the first of data_dir, BUNDLED_DIR that has all of them."""
+def split_files(folder: Path, split: str) -> list[Path]:
+    """The parquet files of one split in a task folder: ``<split>.parquet``, or the hub's shards
+    ``<split>-00000-of-0000N.parquet`` (all N of them, in order); [] when neither is complete."""
+    single = folder / f"{split}.parquet"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].parquet"))
+    count = {int(f.stem.rpartition("-of-")[2]) for f in shards}
+    return shards if len(count) == 1 and len(shards) == count.pop() else []
+
+
+def local_files(task: str, data_dir: str | Path | None = None) -> dict[str, list[Path]] | None:
+    """Parquet files per hub split from the first of data_dir, BUNDLED_DIR that has all of them."""
     spec = get_task(task)
     for root in _candidates(data_dir):
-        files = {s: root / spec.name / f"{s}.parquet" for s in spec.hub_splits}
-        if all(f.is_file() for f in files.values()):
+        files = {s: split_files(root / spec.name, s) for s in spec.hub_splits}
+        if all(files.values()):
             return files
     return None
 
 
-def _source(files: dict[str, Path]) -> str:
-    root = next(iter(files.values())).parents[1]
+def _source(files: dict[str, list[Path]]) -> str:
+    root = next(iter(files.values()))[0].parents[1]
     return f"local:{root.relative_to(REPO_ROOT) if root == BUNDLED_DIR else root}"
 
 
@@ -123,16 +135,23 @@ def _not_found(spec: TaskSpec, data_dir: str | Path | None, reason: str) -> str:
     columns = ", ".join((*spec.text_fields, "label", "idx"))
     return (
         f"No data for GLUE task {spec.name!r}: no local directory has all its splits (looked for "
-        f"{looked}) and {reason}. Supply it either with hub access (unset HF_HUB_OFFLINE and "
-        f"HF_DATASETS_OFFLINE; dataset {HUB_DATASET}, config {spec.name!r}) or with a data_dir in "
-        f"the GLUE parquet layout: {layout}, columns {columns}."
+        f"{looked}, or the hub's shards <split>-00000-of-0000N.parquet) and {reason}. Supply it either with hub "
+        f"access (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE; dataset {HUB_DATASET}, config {spec.name!r}), "
+        f"a datasets cache that holds it, or a data_dir in the GLUE parquet layout: {layout}, columns {columns}."
     )
 
 
-def check_available(task: str, data_dir: str | Path | None = None) -> str:
-    """Where load_raw would read the task from: "local:<dir>" or "hub"; no model, no download.
+def _from_hub(spec: TaskSpec) -> datasets.DatasetDict:
+    """The task from the hub, or offline from the ``datasets`` cache (``datasets`` falls back to it by itself
+    under HF_HUB_OFFLINE=1 when an earlier run downloaded it)."""
+    return datasets.load_dataset(HUB_DATASET, spec.name)
 
-    Raises DataNotFoundError when there are no local files and the hub is switched off.
+
+def check_available(task: str, data_dir: str | Path | None = None) -> str:
+    """Where load_raw would read the task from: "local:<dir>", "hub", or "hub-cache" (offline, from the
+    ``datasets`` cache); no model, and no download.
+
+    Raises DataNotFoundError when there are no local files and the hub is switched off with nothing cached.
     """
     spec = get_task(task)
     files = local_files(spec.name, data_dir)
@@ -141,7 +160,12 @@ def check_available(task: str, data_dir: str | Path | None = None) -> str:
     off = _hub_off()
     if off is None:
         return "hub"
-    raise DataNotFoundError(_not_found(spec, data_dir, f"the Hugging Face hub is off ({off})"))
+    try:
+        _from_hub(spec)  # memory-maps the cached Arrow files: cheap
+    except Exception as e:  # datasets raises several kinds (ConnectionError, FileNotFoundError, ValueError)
+        raise DataNotFoundError(_not_found(spec, data_dir, f"the Hugging Face hub is off ({off}) and the "
+                                           f"datasets cache does not hold it ({type(e).__name__})")) from e
+    return "hub-cache"
 
 
 def load_raw(task: str, data_dir: str | Path | None = None) -> datasets.DatasetDict:
@@ -151,16 +175,29 @@ def load_raw(task: str, data_dir: str | Path | None = None) -> datasets.DatasetD
     files = local_files(spec.name, data_dir)
     if files is not None:
         # columns= also lets a user's files carry extra columns
-        raw = datasets.load_dataset("parquet", data_files={s: str(f) for s, f in files.items()},
+        raw = datasets.load_dataset("parquet", data_files={s: [str(f) for f in fs] for s, fs in files.items()},
                                     columns=columns)
     else:
         try:
-            raw = datasets.load_dataset(HUB_DATASET, spec.name)
+            raw = _from_hub(spec)
         except Exception as e:
             first_line = (str(e).strip().splitlines() or [""])[0]
             reason = f"loading {HUB_DATASET} from the hub failed ({type(e).__name__}: {first_line})"
             raise DataNotFoundError(_not_found(spec, data_dir, reason)) from e
     return datasets.DatasetDict({s: raw[s].select_columns(columns) for s in spec.hub_splits})
+
+
+def revision(task: str, data_dir: str | Path | None = None) -> str:
+    """The data's version: ``sha256:<16 hex>`` of the local parquet files' bytes, or the hub dataset's commit (the
+    folder name ``datasets`` caches it under)."""
+    files = local_files(task, data_dir)
+    if files is not None:
+        digest = hashlib.sha256()
+        for f in sorted(f for fs in files.values() for f in fs):
+            digest.update(f.read_bytes())
+        return f"sha256:{digest.hexdigest()[:16]}"
+    cached = _from_hub(get_task(task))
+    return Path(next(iter(cached.values())).cache_files[0]["filename"]).parent.name
 
 
 def paper_split_sizes(task: str, n_train: int | None = None, n_val: int | None = None) -> dict[str, int]:
@@ -253,7 +290,8 @@ def load_task(task: str, data_dir: str | Path | None = None, split_seed: int = 4
     sizes_full = {s: len(d) for s, d in splits.items()}
     caps = {"train": max_train, "validation": max_eval, "test": max_eval}
     splits = datasets.DatasetDict({s: subsample(d, caps[s], subsample_seed) for s, d in splits.items()})
-    info = {"task": spec.name, "source": source, "split_seed": split_seed, "split_recipe": split_recipe,
+    info = {"task": spec.name, "source": source, "revision": revision(spec.name, data_dir), "split_seed": split_seed,
+            "split_recipe": split_recipe,
             "sizes_full": sizes_full, "sizes_used": {s: len(d) for s, d in splits.items()},
             "subsample_seed": subsample_seed}
     return splits, info

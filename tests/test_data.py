@@ -1,6 +1,7 @@
 """readlib.data: the GLUE registry, loading, the paper's splits, the T5 text-to-text strings and Encoded splits."""
 
 import shutil
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -214,7 +215,8 @@ def test_subsample(raw):
 
 def test_load_task_records_data(lst_split, split):
     splits, info = data.load_task("cola", max_train=100, max_eval=50)
-    assert info == {"task": "cola", "source": "local:data/glue", "split_seed": 42, "split_recipe": "lst",
+    assert info == {"task": "cola", "source": "local:data/glue", "revision": data.revision("cola"), "split_seed": 42,
+                    "split_recipe": "lst",
                     "sizes_full": {"train": 8551, "validation": 521, "test": 522},
                     "sizes_used": {"train": 100, "validation": 50, "test": 50}, "subsample_seed": 0}
     again, _ = data.load_task("cola", max_train=100, max_eval=50)
@@ -602,3 +604,56 @@ def test_encoded_pairs_and_regression(minilm):
     assert types[0].tolist() == enc.token_type_ids[0] + [0] * (ids.shape[1] - n0)
     assert types[1].max() == 1  # the second sentence is segment 1
     assert minilm.tokenizer.decode(ids[0, :n0]) == "[CLS] a man plays. [SEP] someone plays. [SEP]"
+
+
+def test_data_dir_in_the_hubs_shard_layout(tmp_path):
+    # nyu-mll/glue's parquet files: <config>/<split>-00000-of-0000N.parquet; shards are read in order
+    (tmp_path / "rte").mkdir()
+    train = pq.read_table(data.BUNDLED_DIR / "rte" / "train.parquet")
+    pq.write_table(train.slice(0, 1000), tmp_path / "rte" / "train-00000-of-00002.parquet")
+    pq.write_table(train.slice(1000), tmp_path / "rte" / "train-00001-of-00002.parquet")
+    shutil.copy(data.BUNDLED_DIR / "rte" / "validation.parquet", tmp_path / "rte" / "validation-00000-of-00001.parquet")
+    raw = data.load_raw("rte", tmp_path)
+    assert raw["train"]["idx"] == train["idx"].to_pylist() and len(raw["validation"]) == 277
+    assert data.check_available("rte", tmp_path) == f"local:{tmp_path}"
+    (tmp_path / "rte" / "train-00001-of-00002.parquet").unlink()  # an incomplete set of shards is not the task
+    assert data.split_files(tmp_path / "rte", "train") == []
+
+
+def cache_like_the_hub(home: Path, task: str) -> str:
+    """Fill a datasets cache under ``home`` as a download of nyu-mll/glue would leave it; returns its commit."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    commit = "bcdcba79d07bc864c1c254ccfcedcce55bcc9a8c"
+    files = {s: str(f) for s, (f,) in data.local_files(task).items()}
+    builder = Parquet(cache_dir=str(home), dataset_name="glue", config_name=task, hash=commit, data_files=files)
+    builder.download_and_prepare()
+    (home / "nyu-mll___glue").mkdir()
+    next((home / "glue").glob(f"{task}-*")).rename(home / "nyu-mll___glue" / task)
+    return commit
+
+
+def test_offline_glue_comes_from_the_datasets_cache(tmp_path, monkeypatch):
+    commit = cache_like_the_hub(tmp_path / "datasets", "cola")
+    monkeypatch.setattr(data, "BUNDLED_DIR", tmp_path / "nothing")  # only the cache has it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert data.check_available("cola") == "hub-cache"
+    splits, info = data.load_task("cola")
+    assert (info["source"], info["revision"]) == ("hub-cache", commit)
+    assert info["sizes_full"] == {"train": 8551, "validation": 521, "test": 522}
+    with pytest.raises(DataNotFoundError, match="datasets cache does not hold it"):
+        data.check_available("sst2")
+
+
+def test_local_data_revision_is_a_content_hash(tmp_path):
+    (tmp_path / "rte").mkdir()
+    for split in ("train", "validation"):
+        shutil.copy(data.BUNDLED_DIR / "rte" / f"{split}.parquet", tmp_path / "rte" / f"{split}.parquet")
+    same = data.revision("rte", tmp_path)
+    assert same == data.revision("rte") and same.startswith("sha256:") and len(same) == 7 + 16
+    table = pq.read_table(tmp_path / "rte" / "validation.parquet")
+    swapped = table.rename_columns(["sentence2", "sentence1", *table.column_names[2:]])  # same sizes, new texts
+    pq.write_table(swapped.select(table.column_names), tmp_path / "rte" / "validation.parquet")
+    assert data.revision("rte", tmp_path) != same
