@@ -3,6 +3,8 @@
     python -m readlib --help                  every command, one line each; COMMAND --help: its options
     python -m readlib train --task mrpc --method read [--profile quick] [--lr 1e-3] [--max_train null] [--rnn lstm]
     python -m readlib worker --task cola [--method read,lora] [--storage URL] [--lr_rounds 32] [--seeds 3]
+    python -m readlib train ... --save_dir models/mrpc_read
+    python -m readlib predict --model models/mrpc_read[,models/rte_read] --input FILE.jsonl|FILE.csv|- [--output F]
     python -m readlib splits
     python -m readlib methods [read lora ...]
 
@@ -40,10 +42,11 @@ import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
-from readlib import methods, sweep
-from readlib.data import split_table
+from readlib import checkpoint, methods, serve, sweep
+from readlib.data import get_task, split_table
 from readlib.errors import ConfigError, DataNotFoundError
 from readlib.params import NULL, NULLABLE, RunParams, make_params
 from readlib.train import fit, processes
@@ -66,6 +69,30 @@ class WorkerOptions:
         "help": "seconds between a running trial's heartbeats; a trial silent for 3 beats + 2 s is run again"})
     prune: bool = field(default=False, metadata={
         "help": "true | false: median pruning of the learning-rate search's trials"})
+
+
+@dataclass
+class SaveOptions:
+    """Where ``train`` and ``worker`` write trained models."""
+
+    save_dir: str | None = field(default=None, metadata={
+        "help": "write the trained model there (train: the best checkpoint; worker: each method's best run, in "
+                "<save_dir>/<task>_<method>_<study hash>); python -m readlib predict --model reads it"})
+
+
+@dataclass
+class PredictOptions:
+    """The options of ``predict``."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "model folder(s) written by --save_dir, comma-separated: READ models on one backbone share its pass"})
+    input: str | None = field(default=None, metadata={
+        "help": "FILE.jsonl (one JSON object of text fields per line), FILE.csv (a header row), or - for stdin "
+                "(JSON lines, or one text per line for single-sentence tasks)"})
+    output: str | None = field(default=None, metadata={"help": "write the JSON lines there (null: stdout)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "inputs per forward pass (null: the run's evaluation batch, which reproduces its test predictions)"})
+    device: str = field(default="auto", metadata={"help": "auto (a GPU if any) | cpu | cuda | cuda:N"})
 
 
 class Parser(argparse.ArgumentParser):
@@ -154,10 +181,12 @@ def _method_args(extra: list[str]) -> dict[str, str]:
 
 def train(argv: list[str]) -> int:
     """Train and evaluate one run; the result record is the last line on stdout, as JSON."""
-    known, extra = run_parser("train").parse_known_args(argv)
-    overrides = given(known, RunParams)
+    parser = run_parser("train")
+    add_options(parser, SaveOptions, "output")
+    known, extra = parser.parse_known_args(argv)
+    overrides, save_dir = given(known, RunParams), given(known, SaveOptions).get("save_dir")
     params = make_params(overrides.pop("profile", "default"), method_args=_method_args(extra), **overrides)
-    record = fit(params)
+    record = fit(params, save_dir=None if save_dir is NULL else save_dir)
     if record.get("processes", 1) > 1 and not processes(params.device).is_main_process:
         return 0  # data-parallel run (accelerate launch): the first process reports
     print(json.dumps(record), flush=True)
@@ -171,12 +200,13 @@ def worker(argv: list[str]) -> int:
     """Work on the learning-rate search and seed runs of one task (readlib.sweep); one JSON line per method."""
     parser = run_parser("worker")
     add_options(parser, WorkerOptions, "worker options")
+    add_options(parser, SaveOptions, "output")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would draw its own trials: collectives hang
         raise ConfigError("worker runs in one process (one worker per GPU: CUDA_VISIBLE_DEVICES=N python -m readlib "
                           "worker ...); for one run on several GPUs use torchrun/accelerate launch with 'train'")
     known, extra = parser.parse_known_args(argv)
     opts = WorkerOptions(**{k: None if v is NULL else v for k, v in given(known, WorkerOptions).items()})
-    overrides = given(known, RunParams)
+    overrides, save_dir = given(known, RunParams), given(known, SaveOptions).get("save_dir")
     task, profile = overrides.pop("task", None), overrides.pop("profile", "default")
     if task is None:
         raise ConfigError("worker needs --task")
@@ -193,10 +223,41 @@ def worker(argv: list[str]) -> int:
         def done(label: str, method: str = spec.method) -> None:
             print(f"readlib: {method}: {label} done", file=sys.stderr)
 
-        ran = sweep.run_worker(spec, opts.storage, opts.heartbeat, progress=True, on_trial=done)
+        save = None if save_dir in (None, NULL) else save_dir
+        ran = sweep.run_worker(spec, opts.storage, opts.heartbeat, progress=True, on_trial=done, save_dir=save)
         result = sweep.summary(spec, opts.storage) or {}
         result.pop("record", None)
+        if save is not None:
+            result["model"] = str(sweep.model_dir(spec, save))
         print(json.dumps({"task": spec.task, "method": spec.method, "trials_run_here": ran, **result}), flush=True)
+    return 0
+
+
+def predict(argv: list[str]) -> int:
+    """Apply trained model folders to raw text: one JSON line per input (label and label name, or score)."""
+    parser = command_parser("predict")
+    add_options(parser, PredictOptions, "predict options")
+    opts = PredictOptions(**{k: None if v is NULL else v for k, v in given(parser.parse_args(argv),
+                                                                           PredictOptions).items()})
+    if not opts.model or not opts.input:
+        raise ConfigError("predict needs --model FOLDER[,FOLDER...] and --input FILE|-")
+    paths = [p for p in opts.model.split(",") if p]
+    metas = [checkpoint.read_meta(p) for p in paths]  # bad folders and inputs fail before any model loads
+    tasks = [get_task(meta["task"]) for meta in metas]
+    fields = {task.text_fields for task in tasks}
+    single = next(iter(fields))[0] if len(fields) == 1 and len(next(iter(fields))) == 1 else None
+    rows = serve.read_inputs(opts.input, sys.stdin, single)
+    serve.check_rows(rows, tasks)
+    models = serve.load_many(paths, opts.device)
+    answers = serve.predict_many(models, rows, opts.batch_size, progress=True)
+    names = [Path(p).name for p in paths]
+    keys = names if len(set(names)) == len(names) else paths
+    lines = [json.dumps(row[0] if len(models) == 1 else dict(zip(keys, row, strict=True))) for row in answers]
+    text = "\n".join(lines) + "\n"
+    if opts.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(opts.output).expanduser().write_text(text)
     return 0
 
 
@@ -235,7 +296,7 @@ def methods_command(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": train, "worker": worker, "splits": splits, "methods": methods_command,
+    "train": train, "worker": worker, "predict": predict, "splits": splits, "methods": methods_command,
 }
 
 

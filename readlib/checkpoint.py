@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -117,7 +117,16 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"model folder '{path}' has format {meta['format']}; this readlib reads format {FORMAT}")
     data.get_task(meta["task"])
     methods.make_config(meta["method"], meta["method_args"])
+    try:  # the header and the file's length, without reading the tensors
+        with safe_open(path / WEIGHTS, framework="pt") as weights:
+            weights.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path / WEIGHTS, err) from err
     return meta
+
+
+def _unreadable(file: Path, err: Exception) -> ConfigError:
+    return ConfigError(f"corrupt model folder: {file} cannot be read ({str(err).splitlines()[0]})")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -126,7 +135,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ConfigError(f"corrupt model folder: {file} cannot be read ({str(err).splitlines()[0]})") from err
+        raise _unreadable(file, err) from err
 
 
 def build_backbone(meta: dict[str, Any]) -> backbones.Backbone:

@@ -78,6 +78,10 @@ def load_many(paths: Sequence[str | Path], device: str = "auto") -> list[Model]:
     (one copy in memory, one backbone pass per batch in ``predict_many``). Every folder is checked before any
     backbone loads."""
     metas = [checkpoint.read_meta(p) for p in paths]
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device '{device}'; choose one of: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' requested but no CUDA GPU is visible; use auto or cpu")
     target = resolve_device(device)
     shared: dict[tuple, backbones.Backbone] = {}
     models = []

@@ -90,3 +90,33 @@ def test_a_bad_boolean_exits_2_with_one_line():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == ["readlib: error: argument --gradient_checkpointing: "
                                                 "gradient_checkpointing must be true or false, got 'maybe'"]
+
+
+def test_train_save_dir_then_predict_from_a_file_and_stdin(tmp_path):
+    proc, _ = cli("train", "--task", "sst2", "--method", "read", "--profile", "quick", "--max_train", "64",
+                  "--max_eval", "32", "--max_epochs", "1", "--save_dir", str(tmp_path / "sst2_read"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["saved"]["dir"] == str(tmp_path / "sst2_read") and record["saved"]["bytes"] > 0
+    texts = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés", "it is a film."]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))
+    from_file, _ = cli("predict", "--model", str(tmp_path / "sst2_read"), "--input", str(tmp_path / "in.jsonl"))
+    assert from_file.returncode == 0, from_file.stderr[-2000:]
+    answers = [json.loads(line) for line in from_file.stdout.splitlines()]
+    assert len(answers) == 3 and all(set(a) == {"label", "label_name"} for a in answers)
+    assert all(a["label_name"] == ["negative", "positive"][a["label"]] for a in answers)
+    start = time.monotonic()
+    from_stdin = subprocess.run([sys.executable, "-m", "readlib", "predict", "--model", str(tmp_path / "sst2_read"),
+                                 "--input", "-"], input="\n".join(texts) + "\n", cwd=REPO, env=ENV,
+                                capture_output=True, text=True, timeout=300)
+    assert from_stdin.returncode == 0 and time.monotonic() - start < 300
+    assert [json.loads(line) for line in from_stdin.stdout.splitlines()] == answers
+    (tmp_path / "bad.jsonl").write_text('{"text": "no sentence field"}\n')
+    missing, _ = cli("predict", "--model", str(tmp_path / "sst2_read"), "--input", str(tmp_path / "bad.jsonl"))
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.strip().splitlines() == ["readlib: error: input row 1 has no field 'sentence', which sst2 "
+                                                   "reads (fields: sentence; the row has: text)"]
+    (tmp_path / "sst2_read" / "trained.safetensors").write_bytes(b"\x00" * 100)
+    corrupt, _ = cli("predict", "--model", str(tmp_path / "sst2_read"), "--input", str(tmp_path / "in.jsonl"))
+    assert corrupt.returncode == 2 and len(corrupt.stderr.strip().splitlines()) == 1
+    assert corrupt.stderr.startswith("readlib: error: corrupt model folder:")
