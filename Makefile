@@ -33,7 +33,7 @@ reproduce: setup
 		*) $(BIN)/papermill $$nb outputs/notebooks/$$(basename $$nb) -p profile $(PROFILE) --cwd notebooks || exit 1 ;; \
 		esac; \
 	done
-	$(BIN)/python -c "from readlib import verdict; verdict.write_report(profile='$(PROFILE)')"
+	$(BIN)/python -m readlib report --profile $(PROFILE)
 
 # Each stage prints its wall time. Tests and notebooks run in TEST_WORKERS processes (pytest-xdist, a file per
 # process at a time), each on one thread: on 2 cores that halves the wall time, and single-threaded kernels do

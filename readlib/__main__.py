@@ -5,6 +5,8 @@
     python -m readlib worker --task cola [--method read,lora] [--storage URL] [--lr_rounds 32] [--seeds 3]
     python -m readlib train ... --save_dir models/mrpc_read
     python -m readlib predict --model models/mrpc_read[,models/rte_read] --input FILE.jsonl|FILE.csv|- [--output F]
+    python -m readlib report [--storage URL] [--profile default]     outputs/REPORT.md: verdicts per paper claim
+    python -m readlib export --output records.csv|records.jsonl [--storage URL]
     python -m readlib splits
     python -m readlib methods [read lora ...]
 
@@ -45,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from readlib import checkpoint, methods, serve, sweep
+from readlib import checkpoint, methods, report, serve, sweep, verdict
 from readlib.data import get_task, split_table
 from readlib.errors import ConfigError, DataNotFoundError
 from readlib.params import NULL, NULLABLE, RunParams, make_params
@@ -261,6 +263,33 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
+def report_command(argv: list[str]) -> int:
+    """Write outputs/REPORT.md and REPORT.html: every table and figure, provenance, a verdict per paper claim."""
+    parser = command_parser("report")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: outputs/studies.db)")
+    parser.add_argument("--profile", default="default", help="the profile whose runs to report (default: default)")
+    opts = parser.parse_args(argv)
+    files = verdict.write_report(opts.storage, opts.profile)
+    counts = next((line for line in files["md"].read_text().splitlines() if line.startswith("**")), "")
+    print(counts.strip("*"))  # the verdict counts
+    print(f"wrote {files['md']} and {files['html']}", file=sys.stderr)
+    return 0
+
+
+def export(argv: list[str]) -> int:
+    """Write every result record in the storage as CSV (one row each) or JSON lines (whole records)."""
+    parser = command_parser("export")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: outputs/studies.db)")
+    parser.add_argument("--output", required=True, help="file to write, e.g. outputs/records.csv")
+    parser.add_argument("--format", default=None, choices=report.EXPORT_FORMATS,
+                        help="csv | jsonl (default: from the output's suffix, else csv)")
+    opts = parser.parse_args(argv)
+    fmt = opts.format or ("jsonl" if opts.output.endswith((".jsonl", ".json")) else "csv")
+    count = report.export_records(opts.storage, Path(opts.output).expanduser(), fmt)
+    print(f"wrote {count} records to {opts.output}", file=sys.stderr)
+    return 0
+
+
 def splits(argv: list[str]) -> int:
     """Split sizes of the paper recipe next to READ Table 5."""
     command_parser("splits").parse_args(argv)
@@ -296,7 +325,8 @@ def methods_command(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": train, "worker": worker, "predict": predict, "splits": splits, "methods": methods_command,
+    "train": train, "worker": worker, "predict": predict, "report": report_command, "export": export, "splits": splits,
+    "methods": methods_command,
 }
 
 

@@ -36,7 +36,7 @@ def one_error_line(capsys) -> str:
 
 def test_diverged_run_exits_1_and_still_prints_the_record(monkeypatch, capsys):
     record = {"task": "rte", "status": "stopped: non-finite training loss at epoch 2", "history": [{"epoch": 1}]}
-    monkeypatch.setattr(readlib.__main__, "fit", lambda params: record)
+    monkeypatch.setattr(readlib.__main__, "fit", lambda params, save_dir=None: record)
     assert main(["train", "--task", "rte", "--profile", "quick"]) == 1
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1]) == record
@@ -78,7 +78,7 @@ def test_unknown_command(args, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"usage: python -m readlib {{{','.join(COMMANDS)}}} [options]"
-    assert err.startswith("usage: python -m readlib {train,worker,splits,methods")
+    assert err.startswith("usage: python -m readlib {train,worker,predict,report,export,splits,methods}")
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -149,7 +149,7 @@ def captured(monkeypatch):
     """fit replaced by a function that keeps the run parameters it was given."""
     runs = []
 
-    def fake_fit(params):
+    def fake_fit(params, save_dir=None):
         runs.append(params)
         return {"status": "ok"}
 
@@ -252,3 +252,22 @@ def test_methods_names_some_or_refuses_an_unknown_one(nothing_loads, capsys):
     assert "unknown method 'nope'" in one_error_line(capsys)
     assert main(["methods", "--rank", "3"]) == 2
     assert "unrecognized arguments: --rank" in one_error_line(capsys)
+
+
+def test_save_dir_reaches_fit(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(readlib.__main__, "fit", lambda params, save_dir=None: seen.update(dir=save_dir) or
+                        {"status": "ok"})
+    assert main(["train", "--task", "rte", "--profile", "quick", "--save_dir", str(tmp_path / "m")]) == 0
+    assert seen["dir"] == str(tmp_path / "m")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["predict", "--input", "x.jsonl"], "predict needs --model FOLDER[,FOLDER...] and --input FILE|-"),
+    (["predict", "--model", "/nonexistent/model", "--input", "-"], "model folder '/nonexistent/model' does not exist"),
+    (["export"], "the following arguments are required: --output"),
+    (["report", "--profile", "nope"], "unknown profile 'nope'"),
+])
+def test_predict_export_report_bad_input_is_one_line(nothing_loads, capsys, argv, needle):
+    assert main(argv) == 2
+    assert needle in one_error_line(capsys)
