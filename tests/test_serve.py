@@ -47,3 +47,11 @@ def test_rows_are_checked_against_every_task():
         serve.check_rows([{"sentence1": "a", "sentence2": None}], [mrpc])
     with pytest.raises(ConfigError, match="no input rows"):
         serve.check_rows([], [mrpc])
+
+
+def test_readlib_load_is_serve_load():
+    import readlib
+
+    assert readlib.load is serve.load
+    with pytest.raises(AttributeError, match="no attribute 'lod'"):
+        readlib.lod  # noqa: B018
