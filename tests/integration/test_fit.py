@@ -114,17 +114,21 @@ def test_record_fields(record):
 
 def test_record_has_the_readme_fields(record):
     # README "Result record", in its order
-    readme = ("task method method_args lr seed validation test step0_validation majority_baseline epochs_run "
+    readme = ("task method method_args lr seed validation test test_examples step0_validation majority_baseline "
+              "epochs_run "
               "best_epoch "
               "history status trainable_params total_params trainable_percent wall_time_s device processes energy "
               "memory flops latency profile "
-              "backbone backbone_source backbone_pretrained formulation target_format cache data batch_size "
+              "backbone backbone_source backbone_pretrained backbone_revision formulation target_format cache data "
+              "batch_size "
               "micro_batch_size max_length max_epochs patience weight_decay lr_schedule warmup_steps precision "
               "gradient_checkpointing git_commit readlib_version torch_version "
               "finished_at").split()
     assert list(record) == readme
-    assert set(record["data"]) == {"task", "source", "split_seed", "split_recipe", "sizes_full", "sizes_used",
-                                   "subsample_seed"}
+    assert set(record["data"]) == {"task", "source", "revision", "split_seed", "split_recipe", "sizes_full",
+                                   "sizes_used", "subsample_seed"}
+    examples = record["test_examples"]
+    assert len(examples["predictions"]) == len(examples["references"]) == record["data"]["sizes_used"]["test"]
     assert all(set(row) == {"epoch", "train_loss", "val_score", "seconds"} for row in record["history"])
     assert set(record["majority_baseline"]) == {"validation", "test"}
     assert set(record["energy"]) == {"seconds", "interval_s", "p0_kw", "nvml_counter", "paper_eq4", "rapl"}
