@@ -264,10 +264,10 @@ def test_save_dir_reaches_fit(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["predict", "--input", "x.jsonl"], "predict needs --model FOLDER[,FOLDER...] and --input FILE|-"),
-    (["predict", "--model", "/nonexistent/model", "--input", "-"], "model folder '/nonexistent/model' does not exist"),
+    (["predict", "--model", "{tmp}/no_model", "--input", "-"], "model folder '{tmp}/no_model' does not exist"),
     (["export"], "the following arguments are required: --output"),
     (["report", "--profile", "nope"], "unknown profile 'nope'"),
 ])
-def test_predict_export_report_bad_input_is_one_line(nothing_loads, capsys, argv, needle):
-    assert main(argv) == 2
-    assert needle in one_error_line(capsys)
+def test_predict_export_report_bad_input_is_one_line(nothing_loads, capsys, tmp_path, argv, needle):
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    assert needle.format(tmp=tmp_path) in one_error_line(capsys)
