@@ -40,7 +40,7 @@ reproduce: setup
 # not spin-wait on each other. nbval's default cell limit (2000 s) is too short for a slow shared CPU.
 TEST_WORKERS ?= 2
 test: setup
-	@start=$$(date +%s); $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests; rc=$$?; \
+	@start=$$(date +%s); $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations 15 tests; rc=$$?; \
 		echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$rc
 	@start=$$(date +%s); OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile \
 		--nbval-lax --nbval-cell-timeout 7200 notebooks; rc=$$?; \

@@ -111,12 +111,4 @@ def test_train_save_dir_then_predict_from_a_file_and_stdin(tmp_path):
                                 capture_output=True, text=True, timeout=300)
     assert from_stdin.returncode == 0 and time.monotonic() - start < 300
     assert [json.loads(line) for line in from_stdin.stdout.splitlines()] == answers
-    (tmp_path / "bad.jsonl").write_text('{"text": "no sentence field"}\n')
-    missing, _ = cli("predict", "--model", str(tmp_path / "sst2_read"), "--input", str(tmp_path / "bad.jsonl"))
-    assert missing.returncode == 2 and missing.stdout == ""
-    assert missing.stderr.strip().splitlines() == ["readlib: error: input row 1 has no field 'sentence', which sst2 "
-                                                   "reads (fields: sentence; the row has: text)"]
-    (tmp_path / "sst2_read" / "trained.safetensors").write_bytes(b"\x00" * 100)
-    corrupt, _ = cli("predict", "--model", str(tmp_path / "sst2_read"), "--input", str(tmp_path / "in.jsonl"))
-    assert corrupt.returncode == 2 and len(corrupt.stderr.strip().splitlines()) == 1
-    assert corrupt.stderr.startswith("readlib: error: corrupt model folder:")
+    # bad fields and corrupt folders: in process, tests/integration/test_save_load_predict.py and tests/test_main.py
