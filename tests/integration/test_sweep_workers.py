@@ -26,10 +26,12 @@ def test_kill_9_mid_trial_then_the_same_command_resumes(tmp_path):
     while killed is None and time.monotonic() < deadline:  # kill while the second trial runs
         time.sleep(0.2)
         try:
-            states = [t.state for t in trials(url, name)]
+            found = trials(url, name)
         except KeyError:  # study not created yet
             continue
-        if states[:1] == [TrialState.COMPLETE] and states[1:] == [TrialState.RUNNING]:
+        states = [t.state for t in found]
+        # mid-trial: the second trial has drawn its learning rate (a kill before that leaves no params to retry)
+        if states[:1] == [TrialState.COMPLETE] and states[1:] == [TrialState.RUNNING] and "lr" in found[1].params:
             os.kill(proc.pid, signal.SIGKILL)
             killed = 1
     proc.wait(timeout=30)
