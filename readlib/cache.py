@@ -10,29 +10,52 @@ Layout: one array [total tokens, N, d], examples stored back to back (token-majo
 states are one contiguous slice. Kept in memory, or memory-mapped under ``outputs/cache/<key>/``
 where a later run with the same key reuses it. The key hashes everything the states depend on:
 backbone (name, source, random-weight seed, layers kept), tokenizer, task, split, data selection
-(split and subsample seeds, sizes) and max length — a stale cache is never used.
+(split and subsample seeds, sizes, the data files' content hash, and a hash of the split's token ids) and max
+length — a stale cache is never used.
+
+Integrity: when a disk cache is complete, its marker file ``complete`` records the array's shape, dtype, file size
+and an xxh3 checksum per 64 MiB block of ``states.npy``; opening it re-reads the file and compares. A missing,
+truncated, changed or unverifiable (older, checksum-less) cache is reported in one warning line and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from tqdm.auto import tqdm
 
 from readlib.errors import ConfigError
 
 MODES = ("off", "memory", "disk")
 DTYPES = {"float32": np.float32, "float16": np.float16}
+BLOCK_BYTES = 64 * 2**20  # bytes per checksummed block of a disk cache
+MARKER = "complete"  # a disk cache's marker: written last, with the checksums (JSON)
+log = logging.getLogger(__name__)
 
 
 def cache_key(**fields) -> str:
     """A short stable hash of the JSON of ``fields`` (sorted keys)."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def fingerprint(*sequences: list[list[int]] | None) -> str:
+    """A hash of token id lists (each list of examples in order, lengths included): what the backbone will see."""
+    digest = hashlib.sha256()
+    for seqs in sequences:
+        if seqs is None:
+            digest.update(b"none")
+            continue
+        digest.update(np.asarray([len(s) for s in seqs], dtype=np.int64).tobytes())
+        digest.update(np.fromiter((t for s in seqs for t in s), dtype=np.int64).tobytes())
+    return digest.hexdigest()[:20]
 
 
 def available_memory() -> int:
@@ -56,19 +79,21 @@ class HiddenStateCache:
         shape = (int(self.offsets[-1]), n_layers, d_model)
         self.nbytes = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
         self.path = path
-        self.complete = path is not None and (path / "complete").exists()
-        if not self.complete:
-            check_fits(self.nbytes, "memory" if path is None else "disk", path)
+        self.complete = False
+        if path is not None and (path / MARKER).exists():
+            problem = verify(path, shape, DTYPES[dtype])
+            if problem is None:
+                self.complete = True
+                self.states = np.lib.format.open_memmap(path / "states.npy", mode="r")
+                return
+            log.warning("hidden-state cache %s %s: rebuilding it", path, problem)
+            (path / MARKER).unlink()
+        check_fits(self.nbytes, "memory" if path is None else "disk", path)
         if path is None:
             self.states = np.empty(shape, dtype=DTYPES[dtype])
             return
         path.mkdir(parents=True, exist_ok=True)
-        if self.complete:
-            self.states = np.lib.format.open_memmap(path / "states.npy", mode="r")
-            if self.states.shape == shape and self.states.dtype == DTYPES[dtype]:
-                return
-            self.complete = False  # same key, different contents (files changed under it): rebuild
-            (path / "complete").unlink()
+        (path / "states.npy").unlink(missing_ok=True)  # a fresh file: never write through a damaged one
         self.states = np.lib.format.open_memmap(path / "states.npy", mode="w+", dtype=DTYPES[dtype], shape=shape)
 
     def store(self, idx: list[int], phi: torch.Tensor) -> None:
@@ -85,11 +110,50 @@ class HiddenStateCache:
         return torch.from_numpy(rows.astype(np.float32, copy=False)).to(device).transpose(0, 1)
 
     def finish(self) -> None:
-        """Mark a disk cache as complete, so later runs with the same key read it instead of rebuilding."""
+        """Mark a disk cache as complete, with its checksums, so later runs with the same key read it instead of
+        rebuilding; the marker is written last and atomically (an interrupted run leaves none)."""
         if self.path is not None:
             self.states.flush()
-            (self.path / "complete").touch()
+            file = self.path / "states.npy"
+            marker = {"shape": list(self.states.shape), "dtype": self.states.dtype.name,
+                      "bytes": file.stat().st_size, "block_bytes": BLOCK_BYTES, "xxh3_64": checksums(file, BLOCK_BYTES)}
+            partial = self.path / f".{MARKER}.{os.getpid()}"
+            partial.write_text(json.dumps(marker))
+            partial.replace(self.path / MARKER)
             self.complete = True
+
+
+def checksums(file: Path, block_bytes: int) -> list[str]:
+    """xxh3-64 of each ``block_bytes`` block of ``file`` (hex), in order."""
+    out = []
+    with open(file, "rb") as f:
+        while block := f.read(block_bytes):
+            out.append(xxhash.xxh3_64_hexdigest(block))
+    return out
+
+
+def verify(path: Path, shape: tuple[int, ...], dtype: type) -> str | None:
+    """What is wrong with the complete-marked disk cache at ``path`` for an array of ``shape`` and ``dtype``, or None
+    when its file is whole: present, of the recorded size, shape and dtype, every block's checksum as recorded."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        expected = (marker["shape"], marker["dtype"], marker["bytes"], marker["block_bytes"], marker["xxh3_64"])
+    except (ValueError, KeyError, TypeError):
+        return "has no checksums (written by an older readlib, or its marker is damaged)"
+    recorded_shape, recorded_dtype, size, block_bytes, sums = expected
+    if not isinstance(sums, list) or len(sums) != -(-size // max(int(block_bytes), 1)):
+        return "has a damaged marker (checksums do not cover the file)"
+    if recorded_shape != list(shape) or recorded_dtype != np.dtype(dtype).name:
+        return f"holds {recorded_dtype} {recorded_shape}, not {np.dtype(dtype).name} {list(shape)}"
+    file = path / "states.npy"
+    if not file.is_file():
+        return "has lost its states.npy"
+    if (actual := file.stat().st_size) != size:
+        return f"states.npy has {actual:,} bytes, not the {size:,} it was written with (truncated or replaced)"
+    for i, (got, want) in enumerate(zip(checksums(file, block_bytes), sums, strict=True)):
+        if got != want:
+            return f"states.npy changed after it was written (checksum of bytes {i * block_bytes:,}+ differs)"
+    return None
 
 
 def check_fits(nbytes: int, mode: str, path: Path | None) -> None:
@@ -144,12 +208,14 @@ def build_set(model, split, layout: dict[str, tuple[list[int], int, int]], batch
     if all(c.complete for c in caches.values()):
         return caches
     batches = [list(range(s, min(s + batch_size, len(split)))) for s in range(0, len(split), batch_size)]
+    todo = {name: c for name, c in caches.items() if not c.complete}
     for idx in tqdm(batches, desc="caching hidden states", leave=False, disable=not progress):
         inputs, _ = split.batch(idx, device)
         features = model.features(**inputs)
         for name, values in (features if isinstance(features, dict) else {"phi": features}).items():
-            caches[name].store(idx, values)
-    for c in caches.values():
+            if name in todo:
+                todo[name].store(idx, values)
+    for c in todo.values():
         c.finish()
     return caches
 

@@ -278,6 +278,7 @@ def build_caches(run: Run, progress: bool) -> dict:
             layers=backbone.num_layers, tokenizer=backbone.tokenizer.name_or_path, vocab=len(backbone.tokenizer),
             task=params.task, split=name, data=run.data_info, max_length=params.max_length, dtype=params.cache_dtype,
             formulation=backbone.formulation,
+            tokens=cache.fingerprint(split.input_ids, split.token_type_ids, split.targets),
         )
         # a disk cache is written by the first process and opened by the others once it is complete
         first = run.procs.main_process_first() if params.cache == "disk" else nullcontext()
