@@ -16,9 +16,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from readlib.errors import ConfigError, DataNotFoundError
+from readlib.errors import ConfigError, DataError, DataNotFoundError
 from readlib.paper import READ_TABLE5_K, TABLE1_TASKS
 from readlib.paths import BUNDLED_GLUE, REPO_ROOT
 
@@ -88,9 +90,9 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-def _candidates(data_dir: str | Path | None) -> list[Path]:
-    dirs = [] if data_dir is None else [Path(data_dir).expanduser()]
-    return dirs + [BUNDLED_DIR]
+def _root(data_dir: str | Path | None) -> Path:
+    """Where local files are looked for: data_dir when given (and only there), else the bundled copy."""
+    return BUNDLED_DIR if data_dir is None else Path(data_dir).expanduser()
 
 
 def split_files(folder: Path, split: str) -> list[Path]:
@@ -105,13 +107,72 @@ def split_files(folder: Path, split: str) -> list[Path]:
 
 
 def local_files(task: str, data_dir: str | Path | None = None) -> dict[str, list[Path]] | None:
-    """Parquet files per hub split from the first of data_dir, BUNDLED_DIR that has all of them."""
+    """Parquet files per hub split in data_dir (when given: only there), else in BUNDLED_DIR; None unless every
+    split is there."""
     spec = get_task(task)
-    for root in _candidates(data_dir):
-        files = {s: split_files(root / spec.name, s) for s in spec.hub_splits}
-        if all(files.values()):
-            return files
-    return None
+    files = {s: split_files(_root(data_dir) / spec.name, s) for s in spec.hub_splits}
+    return files if all(files.values()) else None
+
+
+def _incomplete_data_dir(spec: TaskSpec, data_dir: str | Path) -> str:
+    """One line: what a data_dir lacks for ``spec`` (data_dir is never completed from elsewhere)."""
+    folder = Path(data_dir).expanduser() / spec.name
+    where = "does not exist" if not Path(data_dir).expanduser().is_dir() else (
+        f"has no folder {spec.name}/" if not folder.is_dir() else "")
+    missing = [s for s in spec.hub_splits if not split_files(folder, s)]
+    wanted = ", ".join(f"{folder / s}.parquet" for s in missing)
+    layout = ", ".join(f"<data_dir>/{spec.name}/{s}.parquet" for s in spec.hub_splits)
+    return (f"data_dir {data_dir} {where or 'lacks splits of ' + repr(spec.name)}: missing {wanted} (or all of its "
+            f"hub shards <split>-0000K-of-0000N.parquet); a data_dir must hold the whole task ({layout}), it is "
+            "never completed from the bundled data or the hub")
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_table(spec: TaskSpec, table: pa.Table, where: str) -> None:
+    """DataError naming ``where``, the column and the first bad row (0-based) unless every text field is a string
+    column without nulls and every label is in the task's label space: an integer class id in [0, classes), or
+    for STS-B a finite score in [0, 5]. Whole-numbered float class ids (1.0) count as integers."""
+    needed = (*spec.text_fields, "label", "idx")
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise DataError(f"{where}: no column {', '.join(map(repr, missing))} (task {spec.name!r} reads "
+                        f"{', '.join(needed)}; the file has {', '.join(table.column_names) or 'none'})")
+    for name in spec.text_fields:
+        column = table[name]
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise DataError(f"{where}: column {name!r} holds {column.type}, not text")
+        if column.null_count:
+            raise DataError(f"{where}: column {name!r} is empty (null) in row {_first(column.is_null().to_numpy())}")
+    labels = table["label"]
+    if labels.null_count:
+        raise DataError(f"{where}: column 'label' is empty (null) in row {_first(labels.is_null().to_numpy())}")
+    if not (pa.types.is_integer(labels.type) or pa.types.is_floating(labels.type)):
+        raise DataError(f"{where}: column 'label' holds {labels.type}, not numbers")
+    values = labels.to_numpy().astype(np.float64)
+    if spec.is_regression:
+        bad, allowed = ~np.isfinite(values) | (values < 0) | (values > 5), "a similarity score in [0, 5]"
+    else:
+        bad = (values != np.round(values)) | (values < 0) | (values >= spec.num_labels)
+        allowed = f"a class id 0..{spec.num_labels - 1} ({', '.join(spec.label_names)})"
+    if bad.any():
+        row = _first(bad)
+        raise DataError(f"{where}: column 'label' is {values[row]:g} in row {row}; {spec.name} labels are {allowed}")
+
+
+def check_files(spec: TaskSpec, files: dict[str, list[Path]]) -> None:
+    """``check_table`` on every local file (texts and labels only are read); an unreadable file is a DataError."""
+    for paths in files.values():
+        for path in paths:
+            try:
+                present = pq.read_schema(path).names
+                table = pq.read_table(path, columns=[c for c in (*spec.text_fields, "label", "idx") if c in present])
+            except (OSError, pa.ArrowException) as e:
+                first_line = (str(e).strip().splitlines() or [""])[0]
+                raise DataError(f"{path}: cannot be read as parquet ({type(e).__name__}: {first_line})") from e
+            check_table(spec, table, str(path))
 
 
 def _source(files: dict[str, list[Path]]) -> str:
@@ -127,14 +188,14 @@ def _hub_off() -> str | None:
     return None
 
 
-def _not_found(spec: TaskSpec, data_dir: str | Path | None, reason: str) -> str:
+def _not_found(spec: TaskSpec, reason: str) -> str:
     """One paragraph: what was looked for, why the hub was no help, and how to supply the data."""
-    paths = [root / spec.name / f"{s}.parquet" for root in _candidates(data_dir) for s in spec.hub_splits]
+    paths = [BUNDLED_DIR / spec.name / f"{s}.parquet" for s in spec.hub_splits]
     looked = ", ".join(f"{p} (present)" if p.is_file() else str(p) for p in paths)
     layout = ", ".join(f"<data_dir>/{spec.name}/{s}.parquet" for s in spec.hub_splits)
     columns = ", ".join((*spec.text_fields, "label", "idx"))
     return (
-        f"No data for GLUE task {spec.name!r}: no local directory has all its splits (looked for "
+        f"No data for GLUE task {spec.name!r}: the bundled data does not have all its splits (looked for "
         f"{looked}, or the hub's shards <split>-00000-of-0000N.parquet) and {reason}. Supply it either with hub "
         f"access (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE; dataset {HUB_DATASET}, config {spec.name!r}), "
         f"a datasets cache that holds it, or a data_dir in the GLUE parquet layout: {layout}, columns {columns}."
@@ -151,19 +212,24 @@ def check_available(task: str, data_dir: str | Path | None = None) -> str:
     """Where load_raw would read the task from: "local:<dir>", "hub", or "hub-cache" (offline, from the
     ``datasets`` cache); no model, and no download.
 
-    Raises DataNotFoundError when there are no local files and the hub is switched off with nothing cached.
+    Raises DataNotFoundError when a data_dir lacks a split (no fallback), or there are no local files and the hub is
+    switched off with nothing cached; DataError when a local file is unreadable or holds a bad text or label
+    (``check_files``).
     """
     spec = get_task(task)
     files = local_files(spec.name, data_dir)
     if files is not None:
+        check_files(spec, files)
         return _source(files)
+    if data_dir is not None:
+        raise DataNotFoundError(_incomplete_data_dir(spec, data_dir))
     off = _hub_off()
     if off is None:
         return "hub"
     try:
         _from_hub(spec)  # memory-maps the cached Arrow files: cheap
     except Exception as e:  # datasets raises several kinds (ConnectionError, FileNotFoundError, ValueError)
-        raise DataNotFoundError(_not_found(spec, data_dir, f"the Hugging Face hub is off ({off}) and the "
+        raise DataNotFoundError(_not_found(spec, f"the Hugging Face hub is off ({off}) and the "
                                            f"datasets cache does not hold it ({type(e).__name__})")) from e
     return "hub-cache"
 
@@ -177,13 +243,17 @@ def load_raw(task: str, data_dir: str | Path | None = None) -> datasets.DatasetD
         # columns= also lets a user's files carry extra columns
         raw = datasets.load_dataset("parquet", data_files={s: [str(f) for f in fs] for s, fs in files.items()},
                                     columns=columns)
+    elif data_dir is not None:
+        raise DataNotFoundError(_incomplete_data_dir(spec, data_dir))
     else:
         try:
             raw = _from_hub(spec)
         except Exception as e:
             first_line = (str(e).strip().splitlines() or [""])[0]
             reason = f"loading {HUB_DATASET} from the hub failed ({type(e).__name__}: {first_line})"
-            raise DataNotFoundError(_not_found(spec, data_dir, reason)) from e
+            raise DataNotFoundError(_not_found(spec, reason)) from e
+        for s in spec.hub_splits:
+            check_table(spec, raw[s].data.table, f"{HUB_DATASET} {spec.name} {s}")
     return datasets.DatasetDict({s: raw[s].select_columns(columns) for s in spec.hub_splits})
 
 

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataNotFoundError(FileNotFoundError):
     """Task data is neither local nor reachable on the hub."""
+
+
+class DataError(ConfigError):
+    """Task data that is present but unusable: an unreadable file, a missing column, a bad label or text."""

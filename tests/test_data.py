@@ -246,17 +246,24 @@ def test_check_available(monkeypatch):
         data.check_available("qnli")
 
 
-def test_missing_task_offline_explains(monkeypatch, tmp_path):
+def test_missing_task_offline_explains(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataNotFoundError) as e:
-        data.load_task("qqp", data_dir=tmp_path)
+        data.load_task("qqp")
     msg = str(e.value)
     assert "\n" not in msg
     for part in ("'qqp'", "data_dir", "HF_HUB_OFFLINE", "nyu-mll/glue", "question1, question2, label, idx",
-                 str(tmp_path / "qqp" / "train.parquet"), str(tmp_path / "qqp" / "validation.parquet"),
                  str(data.BUNDLED_DIR / "qqp" / "train.parquet"),
                  str(data.BUNDLED_DIR / "qqp" / "validation.parquet")):
         assert part in msg
+
+
+def test_a_data_dir_without_the_task_names_what_is_missing(tmp_path):
+    with pytest.raises(DataNotFoundError) as e:
+        data.load_task("qqp", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "never completed from the bundled data or the hub" in msg
+    assert str(tmp_path / "qqp" / "train.parquet") in msg and str(tmp_path / "qqp" / "validation.parquet") in msg
 
 
 def test_data_dir_override(tmp_path):
@@ -269,8 +276,9 @@ def test_data_dir_override(tmp_path):
     assert info["source"] == f"local:{tmp_path}"
     assert info["sizes_full"] == {"train": 2490, "validation": 50, "test": 50}
     assert splits["test"].column_names == ["sentence1", "sentence2", "label", "idx"]
-    # a data_dir without the task falls back to the bundled copy
-    assert data.check_available("cola", tmp_path) == "local:data/glue"
+    # a data_dir without the task is an error, never the bundled copy
+    with pytest.raises(DataNotFoundError, match="has no folder cola/"):
+        data.check_available("cola", tmp_path)
 
 
 def test_split_table():
