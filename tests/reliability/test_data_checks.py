@@ -42,10 +42,10 @@ def rte_copy(tmp_path, change=None, split="validation"):
     return tmp_path / "glue", folder / f"{split}.parquet"
 
 
-def with_label(table: pa.Table, row: int, value, kind=pa.int64()) -> pa.Table:
+def with_label(table: pa.Table, row: int, value, kind: pa.DataType | None = None) -> pa.Table:
     labels = table["label"].to_pylist()
     labels[row] = value
-    return table.set_column(table.column_names.index("label"), "label", pa.array(labels, kind))
+    return table.set_column(table.column_names.index("label"), "label", pa.array(labels, kind or pa.int64()))
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "only train"])
