@@ -50,7 +50,7 @@ from typing import Any, NoReturn
 from readlib import checkpoint, methods, report, serve, sweep, verdict
 from readlib.data import get_task, split_table
 from readlib.errors import ConfigError, DataNotFoundError
-from readlib.params import NULL, NULLABLE, RunParams, make_params
+from readlib.params import NULL, NULLABLE, RunParams, check_storage, make_params
 from readlib.train import fit, processes
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 1
@@ -219,6 +219,7 @@ def worker(argv: list[str]) -> int:
     backbone = overrides.pop("backbone", None)
     specs = [sweep.SweepSpec(task, name, profile, backbone, method_args, overrides, opts.lr_rounds, opts.seeds,
                              opts.prune) for name in names]
+    check_storage(opts.storage)
     for spec in specs:  # every input problem before the first run
         spec.check()
     for spec in specs:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import sqlalchemy
 import torch
 import yaml
 
@@ -108,6 +111,9 @@ class RunParams:
                               "--formulation classification (a T5 encoder with a head) or an encoder backbone")
         if self.lr is not None and not (0 < self.lr < 1):
             raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
+        for name in ("seed", "split_seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_epochs", "batch_size", "micro_batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -117,10 +123,10 @@ class RunParams:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or null (no subsampling), got {value}")
-        if self.energy_interval <= 0:
-            raise ConfigError(f"energy_interval must be > 0 seconds, got {self.energy_interval}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (0 < self.energy_interval < math.inf):
+            raise ConfigError(f"energy_interval must be a finite number of seconds > 0, got {self.energy_interval}")
+        if not (0 <= self.weight_decay < math.inf):
+            raise ConfigError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS),
@@ -147,6 +153,26 @@ class RunParams:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunParams)}
+
+
+def check_storage(url: str | None) -> None:
+    """ConfigError unless ``url`` (None: the default SQLite file) is an SQLAlchemy database URL whose driver is
+    installed and, for an SQLite file, whose folder exists; nothing is connected to or created."""
+    if url is None:
+        return
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        parsed.get_dialect().import_dbapi()
+    except sqlalchemy.exc.ArgumentError:
+        raise ConfigError(f"storage {url!r} is not a database URL; use e.g. sqlite:///outputs/studies.db or "
+                          "postgresql://user:password@host/db") from None
+    except (sqlalchemy.exc.NoSuchModuleError, ImportError) as e:
+        raise ConfigError(f"storage {url!r}: its database driver is not installed ({e}); for postgresql:// "
+                          "install readlib[postgres]") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"storage {url!r}: folder {folder} does not exist (create it, or choose another)")
 NULLABLE = tuple(name for name, hint in typing.get_type_hints(RunParams).items() if type(None) in typing.get_args(hint))
 
 

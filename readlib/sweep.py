@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from readlib import checkpoint, data, methods, paper, paths
 from readlib.errors import ConfigError
-from readlib.params import RunParams, load_sweep, make_params
+from readlib.params import RunParams, check_storage, load_sweep, make_params
 from readlib.train import fit
 
 LR_RANGE = (1e-6, 3e-3)  # READ Section 3.3
@@ -98,6 +98,7 @@ def storage(url: str | None = None, heartbeat: int = 30) -> optuna.storages.RDBS
     SQLite under outputs/ by default."""
     if heartbeat < 1:
         raise ConfigError(f"heartbeat must be >= 1 second, got {heartbeat}")
+    check_storage(url)
     url = url or default_storage()
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     return _retried(lambda: optuna.storages.RDBStorage(
@@ -227,6 +228,7 @@ def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int =
     ``on_trial`` is called with a short label after each trial this worker finishes. ``save_dir``: the best run
     (highest validation score over search and seed runs) is kept as a model folder in ``model_dir(spec, save_dir)``.
     """
+    check_storage(storage_url)
     spec.check()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, retry

@@ -182,7 +182,7 @@ def test_every_dependency_and_extra_has_a_pin_that_its_range_admits():
     groups = pyproject_requirements()
     assert {"runtime", "dev", "notebooks", "postgres"} <= set(groups)
     assert unpinned(groups, PINS) == []
-    assert {"ipywidgets", "psycopg2-binary", "nvidia-ml-py"} <= set(PINS)
+    assert {"ipywidgets", "psycopg", "nvidia-ml-py"} <= set(PINS)
 
 
 def test_the_pin_check_sees_a_missing_pin_and_one_out_of_range():
