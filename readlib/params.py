@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -153,6 +155,27 @@ class RunParams:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunParams)}
+# run parameters that change how a run is computed or measured, not its result (float32 caches give the same numbers
+# as none; the energy meter's sampling interval changes no score)
+NEUTRAL = ("device", "cache", "energy_interval")
+
+
+def result_fields(params: RunParams) -> dict[str, Any]:
+    """Every run parameter that changes a run's result: the learning rate actually used, the method's hyperparameters
+    with their defaults spelt out (less its memory/speed-only switches), the rest as given; ``NEUTRAL`` left out."""
+    fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in NEUTRAL}
+    fixed["lr"] = params.learning_rate
+    neutral = methods.get_method(params.method).not_in_name
+    fixed["method_args"] = {k: v for k, v in dataclasses.asdict(methods.make_config(params.method, params.method_args))
+                            .items() if k not in neutral}
+    return fixed
+
+
+def run_id(params: RunParams, data_revision: str | None = None, backbone_revision: str | None = None) -> str:
+    """8 hex digits naming a run's result: ``result_fields`` plus the data's content hash and the backbone's revision
+    (the same data_dir path may hold other files tomorrow). Equal for reruns, different when any of them changes."""
+    content = result_fields(params) | {"data_revision": data_revision, "backbone_revision": backbone_revision}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def check_storage(url: str | None) -> None:

@@ -22,8 +22,11 @@ METRIC_LABEL = {"mcc": "Matthews correlation", "accuracy": "accuracy",
 
 
 def run_name(record: dict) -> str:
-    """File stem for a run: task, method, backbone, profile, seed."""
-    return f"{record['task']}_{record['method']}_{record['backbone']}_{record['profile']}_seed{record['seed']}"
+    """File stem for a run: task, method, backbone, profile, seed, and the record's ``run_id`` (a hash of every
+    parameter that changes the result), so that two different runs never share a file and a rerun replaces its own."""
+    backbone = record["backbone"].replace("/", "--")  # a hub id org/model, or a local folder
+    return (f"{record['task']}_{record['method']}_{backbone}_{record['profile']}_seed{record['seed']}_"
+            f"{record['run_id']}")
 
 
 def save_record(record: dict, path: str | Path) -> Path:

@@ -30,14 +30,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from readlib import checkpoint, data, methods, paper, paths
 from readlib.errors import ConfigError
-from readlib.params import RunParams, check_storage, load_sweep, make_params
+from readlib.params import RunParams, check_storage, load_sweep, make_params, result_fields
 from readlib.train import fit
 
 LR_RANGE = (1e-6, 3e-3)  # READ Section 3.3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
-# run parameters that do not change a run's result (searched, varied per seed, or bookkeeping): not in study names
-NOT_IN_NAME = ("lr", "seed", "device", "cache", "energy_interval")
 
 
 def default_storage() -> str:
@@ -85,11 +83,9 @@ class SweepSpec:
     @property
     def name(self) -> str:
         """The search study's name: everything that changes a run's result, and nothing else."""
-        params = self.params(LR_RANGE[0], 0)
-        fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in NOT_IN_NAME}
-        neutral = methods.get_method(self.method).not_in_name  # memory/speed-only switches
-        fixed["method_args"] = {k: v for k, v in dataclasses.asdict(methods.make_config(self.method, self.method_args))
-                                .items() if k not in neutral}  # defaults spelt out
+        fixed = result_fields(self.params(LR_RANGE[0], 0))
+        for searched in ("lr", "seed"):  # searched, or varied per seed run
+            del fixed[searched]
         return "|".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(fixed.items()))
 
 

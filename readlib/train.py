@@ -31,7 +31,7 @@ import readlib
 from readlib import backbones, cache, checkpoint, costs, data, methods, paths
 from readlib.data import Encoded, TaskSpec
 from readlib.metrics import compute_metrics, majority_baseline
-from readlib.params import RunParams
+from readlib.params import RunParams, run_id
 
 LATENCY_REPEATS = 3  # timed inference batches per run, after one warm-up
 
@@ -445,6 +445,7 @@ def assemble_record(run: Run, training: Training, measured: dict, test: dict | N
     baseline = {name: majority_baseline(params.task, train_labels, run.splits[name].labels.numpy())
                 for name in ("validation", "test")}
     return {
+        "run_id": run_id(params, run.data_info.get("revision"), run.backbone.revision),
         "task": params.task,
         "method": params.method,
         "method_args": dataclasses.asdict(methods.make_config(params.method, params.method_args)),

@@ -114,7 +114,7 @@ def test_record_fields(record):
 
 def test_record_has_the_readme_fields(record):
     # README "Result record", in its order
-    readme = ("task method method_args lr seed validation test test_examples step0_validation majority_baseline "
+    readme = ("run_id task method method_args lr seed validation test test_examples step0_validation majority_baseline "
               "epochs_run "
               "best_epoch "
               "history status trainable_params total_params trainable_percent wall_time_s device processes energy "
