@@ -114,12 +114,21 @@ def _retried(make: Callable[[], Any], attempts: int = 5) -> Any:
             time.sleep(0.5 * attempt)
 
 
-def _study(spec: SweepSpec, store, suffix: str = "", sampler_seed: int = 0) -> optuna.Study:
+def _sampler(spec: SweepSpec, trial_number: int) -> optuna.samplers.TPESampler:
+    """The sampler one trial draws its learning rate with, seeded by the study and the trial's number. The storage
+    hands out each number once, so workers drawing at the same moment get different seeds (a seed from what a worker
+    has seen, such as the trial count, is the same for two workers that looked at once), and one worker's draws are
+    reproducible. ``constant_liar``: running trials count as (pessimistic) results, so TPE avoids them."""
+    return optuna.samplers.TPESampler(seed=(zlib.crc32(spec.name.encode()) + trial_number) % 2**31,
+                                      constant_liar=True)
+
+
+def _study(spec: SweepSpec, store, suffix: str = "") -> optuna.Study:
     """Load the study, or create it; the one worker whose creation succeeds queues round 1 of a search: the
     method's default learning rate (creation is atomic in the storage, so it is queued exactly once)."""
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1) if spec.prune else None
     kwargs = dict(study_name=spec.name + suffix, storage=store, direction="maximize", pruner=pruner,
-                  sampler=optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True))
+                  sampler=_sampler(spec, 0))
 
     def create_or_load() -> optuna.Study:
         try:
@@ -141,6 +150,13 @@ def default_lr(method: str) -> float:
 def _consumed(trial: optuna.trial.FrozenTrial) -> bool:
     """A unit of the search that is done or being done (a killed trial is replaced by its queued retry)."""
     return trial.state in FINISHED + ACTIVE or (trial.state == TrialState.FAIL and "record" in trial.user_attrs)
+
+
+def search_rounds(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Rounds of the search done or under way: distinct learning rates among consumed trials (drawn, or queued), plus
+    running trials that have not drawn yet (each will draw a new one)."""
+    lrs = [t.params.get("lr", t.system_attrs.get("fixed_params", {}).get("lr")) for t in trials if _consumed(t)]
+    return len({lr for lr in lrs if lr is not None}) + lrs.count(None)
 
 
 def model_dir(spec: SweepSpec, save_dir: str | Path) -> Path:
@@ -174,6 +190,7 @@ def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None,
     phase = "search" if best_lr is None else "seeds"
 
     def objective(trial: optuna.Trial) -> float:
+        trial.study.sampler = _sampler(spec, trial.number)  # read by suggest_float, when lr is not queued
         lr = trial.suggest_float("lr", *LR_RANGE, log=True)
         seed = trial.suggest_int("seed", 0, max(spec.seeds - 1, 0)) if best_lr is not None else 0
         if best_lr is not None and lr != best_lr:  # drawn, not queued: another worker took the last seed run
@@ -235,11 +252,9 @@ def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int =
         optuna.storages.fail_stale_trials(search)  # killed workers' trials -> FAIL + a queued retry
         trials = search.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
-        if waiting or sum(map(_consumed, trials)) < spec.lr_rounds:
-            # a fresh draw per trial, reproducible for one worker, and different for every study
-            study = _study(spec, store, sampler_seed=(zlib.crc32(spec.name.encode()) + len(trials)) % 2**31)
+        if waiting or search_rounds(trials) < spec.lr_rounds:
             number = sum(t.state != TrialState.WAITING for t in trials) + 1
-            _run_one(study, _objective(spec, progress, save_dir=save_dir), on_trial, f"search {number}")
+            _run_one(search, _objective(spec, progress, save_dir=save_dir), on_trial, f"search {number}")
             ran += 1
             continue
         if any(t.state == TrialState.RUNNING for t in trials):  # another worker's (or a stale) search trial

@@ -69,6 +69,7 @@ def test_two_workers_share_one_storage(tmp_path):
     workers = {t.user_attrs["worker"] for t in search + seeds}
     assert min(ran) >= 1 and len(workers) == 2  # both did work
     assert 4 <= len(search) <= 5  # a worker may start one extra round while the other finishes the last
+    assert len({t.params["lr"] for t in search}) == len(search)  # never the same learning rate twice
     best_lr = max(search, key=lambda t: (t.value, -t.number)).params["lr"]
     assert [t.params for t in seeds if t.params["lr"] == best_lr] == [{"lr": best_lr, "seed": 1}]
     assert sum(ran) == len(search) + len(seeds) + sum(  # every trial a worker counted is in the storage
