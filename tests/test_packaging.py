@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "readlib"
 
 # lowest first; a module imports only from its own layer or below (its own layer without a cycle)
 LAYERS = [
-    {"readlib", "errors", "paths", "paper"},
+    {"readlib", "errors", "paths", "paper", "notebook"},
     {"data", "metrics", "backbones", "costs", "derivation"},
     {"methods", "cache"},
     {"params", "checkpoint"},
