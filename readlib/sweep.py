@@ -9,7 +9,9 @@ share one storage, a killed trial is retried, a finished one never. See docs/swe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -168,19 +170,58 @@ def model_dir(spec: SweepSpec, save_dir: str | Path) -> Path:
 
 def _keep_if_best(trial_dir: Path, target: Path, score: float | None) -> bool:
     """Move a trial's saved model to ``target`` when its validation score beats the one kept there (the best run
-    over the search and seed runs), else delete it; whether it was kept."""
-    kept = None
-    if (target / checkpoint.META).is_file():
-        kept = ((json.loads((target / checkpoint.META).read_text())["record"].get("validation") or {}).get("score"))
-    if score is None or not trial_dir.is_dir() or (kept is not None and kept >= score):
-        shutil.rmtree(trial_dir, ignore_errors=True)
-        return False
-    old = target.with_name(target.name + f".replaced-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    trial_dir.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return True
+    over the search and seed runs), else delete it; whether it was kept. Workers on one machine (or on a file system
+    with working ``flock``) take turns, so two finishing at once cannot replace a better model with a worse one."""
+    with _locked(target):
+        kept = None
+        if (target / checkpoint.META).is_file():
+            kept = ((json.loads((target / checkpoint.META).read_text())["record"].get("validation") or {})
+                    .get("score"))
+        if score is None or not trial_dir.is_dir() or (kept is not None and kept >= score):
+            shutil.rmtree(trial_dir, ignore_errors=True)
+            return False
+        old = target.with_name(target.name + f".replaced-{os.getpid()}")
+        if target.exists():
+            target.rename(old)
+        trial_dir.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return True
+
+
+@contextlib.contextmanager
+def _locked(target: Path):
+    """An exclusive lock on the folder that holds ``target`` (``flock`` on the folder itself: no lock file left),
+    held for the block."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_leftovers(spec: SweepSpec, save_dir: str | Path, store) -> list[Path]:
+    """Delete the saved models of trials that are not running (a worker killed mid-trial leaves its trial's folder
+    ``.<model folder>.<phase>-<trial>``; the retry has another number); return what was deleted."""
+    target = model_dir(spec, save_dir)
+    removed = []
+    with _locked(target):
+        for phase, suffix in (("search", ""), ("seeds", "|seeds")):
+            folders = sorted(target.parent.glob(f".{target.name}.{phase}-*"))
+            if not folders:
+                continue
+            try:
+                trials = optuna.load_study(study_name=spec.name + suffix, storage=store).get_trials(deepcopy=False)
+            except KeyError:  # no such study in this storage
+                trials = []
+            running = {t.number for t in trials if t.state == TrialState.RUNNING}
+            for folder in folders:
+                number = folder.name.rpartition("-")[2]
+                if not (number.isdigit() and int(number) in running):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+    return removed
 
 
 def _objective(spec: SweepSpec, progress: bool, best_lr: float | None = None,
@@ -250,6 +291,8 @@ def run_worker(spec: SweepSpec, storage_url: str | None = None, heartbeat: int =
     while True:
         search = _study(spec, store)
         optuna.storages.fail_stale_trials(search)  # killed workers' trials -> FAIL + a queued retry
+        if save_dir is not None and ran == 0:
+            remove_leftovers(spec, save_dir, store)
         trials = search.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if waiting or search_rounds(trials) < spec.lr_rounds:

@@ -1,6 +1,9 @@
 """Workers that draw at the same moment draw different learning rates, and only distinct learning rates count as
 search rounds. (Real worker processes on one storage: tests/integration/test_sweep_workers.py.)"""
 
+import subprocess
+import sys
+
 import optuna
 from helpers import spec
 from optuna.distributions import FloatDistribution
@@ -61,3 +64,29 @@ def test_a_repeated_learning_rate_is_not_a_search_round(tmp_path, monkeypatch):
     sweep.run_worker(s, url, heartbeat=1)
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 4 and len({t.params["lr"] for t in done}) == 3 == sweep.search_rounds(study.get_trials())
+
+
+def test_a_killed_trials_saved_model_is_removed_but_a_running_ones_is_kept(tmp_path):
+    s = spec(lr_rounds=3, seeds=1)
+    store = sweep.storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat=1)
+    study = sweep._study(s, store)
+    running = study.ask()  # trial 0 runs (another worker's)
+    killed = study.ask()  # trial 1 was killed: FAIL, as fail_stale_trials leaves it
+    study.tell(killed, state=TrialState.FAIL)
+    target = sweep.model_dir(s, tmp_path / "models")
+    folders = {n: target.with_name(f".{target.name}.{phase}-{n}") for n, phase in ((0, "search"), (1, "search"),
+                                                                                      (5, "seeds"))}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    assert sweep.remove_leftovers(s, tmp_path / "models", store) == [folders[1], folders[5]]
+    assert folders[0].is_dir() and not folders[1].exists() and not folders[5].exists()
+    assert running.number == 0
+
+
+def test_keeping_the_best_model_holds_a_lock_other_processes_see(tmp_path):
+    target = tmp_path / "models" / "rte_bitfit_0"
+    probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n")
+    with sweep._locked(target):
+        assert subprocess.run([sys.executable, "-c", probe, str(target.parent)]).returncode == 3  # held
+    assert subprocess.run([sys.executable, "-c", probe, str(target.parent)]).returncode == 0  # released
