@@ -190,12 +190,13 @@ def keys_of(tmp_path, monkeypatch):
 
     monkeypatch.setattr(readlib.cache, "build_set", fake_build_set)
 
-    def keys_of(params=None, backbone=None, data_info=DATA_INFO):
+    def keys_of(params=None, backbone=None, data_info=DATA_INFO, input_ids=((1, 2),)):
         built.clear()
         run = RunParams(task="rte", backbone="minilm", max_length=32, seed=0) if params is None else params
         bb = fake_backbone(**(backbone or {}))
         model = types.SimpleNamespace(cache_layout=lambda split: {"phi": ([2], bb.num_layers, bb.hidden_size)})
-        encoded = {name: types.SimpleNamespace(name=name, cache=None, input_ids=[[1, 2]], formulation="classification")
+        encoded = {name: types.SimpleNamespace(name=name, cache=None, input_ids=[list(ids) for ids in input_ids],
+                                               token_type_ids=None, targets=None, formulation="classification")
                    for name in ("train", "validation", "test")}
         info = build_caches(fake_run(run, model, bb, encoded, data_info), False)
         assert info["mode"] == run.cache and info["bytes"] == 30
@@ -230,6 +231,7 @@ def test_build_caches_key_covers_what_the_states_depend_on(keys_of):
         "subsample_seed": keys_of(data_info=DATA_INFO | {"subsample_seed": 3}),
         "sizes": keys_of(data_info=DATA_INFO | {"sizes_used": {"train": 40, "validation": 24, "test": 24}}),
         "data source": keys_of(data_info=DATA_INFO | {"source": "local:elsewhere/glue"}),
+        "token ids": keys_of(input_ids=((2, 1),)),  # the same lengths, other tokens
     }
     for what, keys in changed.items():
         assert all(keys[s] != base[s] for s in base), what
