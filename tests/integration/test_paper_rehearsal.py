@@ -42,7 +42,10 @@ def test_paper_protocol_from_a_local_t5(hub_folder, tmp_path):
     procs = [subprocess.Popen(worker, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outs]
+    # on failure: the end of each failed worker's stderr, where its traceback is
+    failed = [f"worker {i} exit {p.returncode}: ...{out[1][-2500:]}"
+              for i, (p, out) in enumerate(zip(procs, outs, strict=True)) if p.returncode]
+    assert not failed, "\n".join(failed)
 
     summaries = [json.loads(line) for out, _ in outs for line in out.strip().splitlines()]
     for method in METHODS:
