@@ -32,6 +32,7 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
+from readlib.costs import counted
 from readlib.errors import ConfigError
 
 MODES = ("off", "memory", "disk")
@@ -80,10 +81,12 @@ class HiddenStateCache:
         self.nbytes = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
         self.path = path
         self.complete = False
+        self.fill_flops: float | None = None  # FLOPs of the pass that filled it (build_set)
         if path is not None and (path / MARKER).exists():
             problem = verify(path, shape, DTYPES[dtype])
             if problem is None:
                 self.complete = True
+                self.fill_flops = json.loads((path / MARKER).read_text()).get("fill_flops")
                 self.states = np.lib.format.open_memmap(path / "states.npy", mode="r")
                 return
             log.warning("hidden-state cache %s %s: rebuilding it", path, problem)
@@ -109,13 +112,15 @@ class HiddenStateCache:
         rows = np.concatenate([self.states[self.offsets[i] : self.offsets[i + 1]] for i in idx])
         return torch.from_numpy(rows.astype(np.float32, copy=False)).to(device).transpose(0, 1)
 
-    def finish(self) -> None:
-        """Mark a disk cache as complete, with its checksums, so later runs with the same key read it instead of
-        rebuilding; the marker is written last and atomically (an interrupted run leaves none)."""
+    def finish(self, fill_flops: float | None = None) -> None:
+        """Mark a disk cache as complete, with its checksums and ``fill_flops`` (what the pass that filled it cost),
+        so later runs with the same key read it instead of rebuilding; the marker is written last and atomically (an
+        interrupted run leaves none)."""
+        self.fill_flops = fill_flops
         if self.path is not None:
             self.states.flush()
             file = self.path / "states.npy"
-            marker = {"shape": list(self.states.shape), "dtype": self.states.dtype.name,
+            marker = {"shape": list(self.states.shape), "dtype": self.states.dtype.name, "fill_flops": fill_flops,
                       "bytes": file.stat().st_size, "block_bytes": BLOCK_BYTES, "xxh3_64": checksums(file, BLOCK_BYTES)}
             partial = self.path / f".{MARKER}.{os.getpid()}"
             partial.write_text(json.dumps(marker))
@@ -181,6 +186,11 @@ class CacheSet(dict):
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.values())
 
+    @property
+    def fill_flops(self) -> float | None:
+        """FLOPs of the one pass that filled them all."""
+        return next(iter(self.values())).fill_flops
+
     def gather(self, idx, device: torch.device) -> dict[str, torch.Tensor]:
         return {name: c.gather(idx, device) for name, c in self.items()}
 
@@ -209,14 +219,21 @@ def build_set(model, split, layout: dict[str, tuple[list[int], int, int]], batch
         return caches
     batches = [list(range(s, min(s + batch_size, len(split)))) for s in range(0, len(split), batch_size)]
     todo = {name: c for name, c in caches.items() if not c.complete}
+    per_token, tokens = None, 0
     for idx in tqdm(batches, desc="caching hidden states", leave=False, disable=not progress):
         inputs, _ = split.batch(idx, device)
-        features = model.features(**inputs)
+        positions = sum(v.numel() for k, v in inputs.items() if k.endswith("input_ids"))  # padded, all inputs
+        if per_token is None:  # the first batch's FLOPs counted, per padded token: the pass's cost, estimated
+            features, flops = counted(model.features, **inputs)
+            per_token = flops / positions
+        else:
+            features = model.features(**inputs)
+        tokens += positions
         for name, values in (features if isinstance(features, dict) else {"phi": features}).items():
             if name in todo:
                 todo[name].store(idx, values)
     for c in todo.values():
-        c.finish()
+        c.finish(per_token * tokens)
     return caches
 
 

@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -365,10 +366,15 @@ def _count_cpu_sdpa() -> None:
 def count_flops(fn) -> int:
     """Floating-point operations of ``fn()`` (a forward, or forward and backward), counted by
     ``torch.utils.flop_counter`` (matmuls and attention; 2 per multiply-add), SDPA on CPU included."""
+    return counted(fn)[1]
+
+
+def counted(fn, *args, **kwargs) -> tuple[Any, int]:
+    """``fn(*args, **kwargs)`` and its floating-point operations (``count_flops``)."""
     _count_cpu_sdpa()
     with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+        result = fn(*args, **kwargs)
+    return result, counter.get_total_flops()
 
 
 def interleaved_latency(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 10,

@@ -490,6 +490,15 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def padded_tokens(self, idx) -> int:
+        """Token positions a batch of examples ``idx`` occupies once padded (``batch``): examples × the longest input,
+        plus examples × the longest target for text-to-text."""
+        idx = [int(i) for i in idx]
+        tokens = len(idx) * max(len(self.input_ids[i]) for i in idx)
+        if self.targets is not None:
+            tokens += len(idx) * max(len(self.targets[i]) for i in idx)
+        return tokens
+
     def batch(self, idx: torch.Tensor | list[int], device: torch.device) -> tuple[dict, torch.Tensor]:
         """(model inputs, labels) of examples ``idx``, padded to the longest of them, on ``device``."""
         idx = [int(i) for i in idx]

@@ -235,6 +235,8 @@ class Training:
     step0_validation: dict  # validation metrics of the untrained model (frozen backbone + the method's init)
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler  # fp16 loss scaling; a no-op for fp32 and bf16
+    flops: float = 0.0  # training FLOPs so far: the train split's cache fill, then every optimizer step
+    flops_per_token: float | None = None  # of a training step per padded token, counted on the first step
 
 
 def load_data(params: RunParams) -> tuple[TaskSpec, dict, dict]:
@@ -287,7 +289,24 @@ def build_caches(run: Run, progress: bool) -> dict:
                                      params.cache_dtype, paths.output("cache", key), progress)
         split.cache = caches if len(caches) > 1 else caches["phi"]
         total += split.cache.nbytes
-    return {"mode": params.cache, "dtype": params.cache_dtype, "bytes": total, "seconds": time.time() - start}
+    return {"mode": params.cache, "dtype": params.cache_dtype, "bytes": total, "seconds": time.time() - start,
+            "fill_flops": run.splits["train"].cache.fill_flops}
+
+
+def micro_batches(step: torch.Tensor, procs: PartialState, micro_batch_size: int, process: int | None = None):
+    """The micro-batches one optimizer step is computed in: the step's examples split over the processes (a contiguous
+    share each), each share in micro-batches of ``micro_batch_size``; only process ``process``'s when given."""
+    shares = np.array_split(np.arange(len(step)), procs.num_processes)
+    for rank, share in enumerate(shares):
+        if process is None or rank == process:
+            yield from step[torch.from_numpy(share)].split(micro_batch_size)
+
+
+def step_tokens(run: Run, step: torch.Tensor, process: int | None = None) -> int:
+    """Padded token positions of one optimizer step, over all processes (or one)."""
+    split = run.splits["train"]
+    return sum(split.padded_tokens(micro) for micro in micro_batches(step, run.procs, run.params.micro_batch_size,
+                                                                      process))
 
 
 def train_step(run: Run, step: torch.Tensor, trained: list[nn.Parameter], meter: costs.SavedTensorMeter | None,
@@ -297,8 +316,7 @@ def train_step(run: Run, step: torch.Tensor, trained: list[nn.Parameter], meter:
     gradients summed; returns the step's loss. ``meter`` (the first step only) counts the activations one
     micro-batch stores; ``scaler`` scales the loss for fp16."""
     params, step_loss = run.params, 0.0
-    mine = step[torch.from_numpy(shard(len(step), run.procs))]
-    for micro in mine.split(params.micro_batch_size):
+    for micro in micro_batches(step, run.procs, params.micro_batch_size, run.procs.process_index):
         with meter if meter is not None else nullcontext(), run.autocast():
             logits, labels = forward(run.model, run.splits["train"], micro, run.device)
             loss = task_loss(logits, labels, run.task.is_regression) * (len(micro) / len(step))
@@ -320,7 +338,12 @@ def run_epoch(run: Run, optimizer: torch.optim.Optimizer, order: torch.Generator
     for step in tqdm(steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
         optimizer.zero_grad(set_to_none=True)
         meter = costs.SavedTensorMeter(run.model) if out.activation_bytes is None else None
-        step_loss = train_step(run, step, trained, meter, out.scaler)
+        if out.flops_per_token is None:  # the first step: FLOPs counted (this process's share), per padded token
+            step_loss, flops = costs.counted(train_step, run, step, trained, meter, out.scaler)
+            out.flops_per_token = flops / step_tokens(run, step, run.procs.process_index)
+        else:
+            step_loss = train_step(run, step, trained, meter, out.scaler)
+        out.flops += out.flops_per_token * step_tokens(run, step)
         if meter is not None:
             out.activation_bytes = meter.bytes
         if not math.isfinite(step_loss):
@@ -333,9 +356,11 @@ def run_epoch(run: Run, optimizer: torch.optim.Optimizer, order: torch.Generator
     return losses
 
 
-def train_epochs(run: Run, progress: bool, on_epoch: Callable[[dict], None] | None) -> Training:
+def train_epochs(run: Run, progress: bool, on_epoch: Callable[[dict], None] | None,
+                 start_flops: float = 0.0) -> Training:
     """Epochs until ``max_epochs`` or ``patience`` epochs without a better validation score; a non-finite loss
-    stops training, keeping what finished. Energy is metered over training and validation (READ Table 1).
+    stops training, keeping what finished. Energy is metered over training and validation (READ Table 1). Each
+    epoch's row has the training FLOPs so far (``start_flops``: the cache fill, then every step; see ``run_epoch``).
     The learning-rate schedule spans ``max_epochs`` (an early stop ends it before its decay is over)."""
     params, model = run.params, run.model
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -345,7 +370,7 @@ def train_epochs(run: Run, progress: bool, on_epoch: Callable[[dict], None] | No
         optimizer, lr_lambda(params.lr_schedule, params.warmup_steps, total_steps))
     scaler = torch.amp.GradScaler(run.device.type, enabled=params.precision == "fp16")
     order = torch.Generator().manual_seed(params.seed)
-    out = Training([], None, None, "ok", optimizer, None, {}, run.score("validation"), scheduler, scaler)
+    out = Training([], None, None, "ok", optimizer, None, {}, run.score("validation"), scheduler, scaler, start_flops)
     best_score, bad_epochs = -math.inf, 0
     epochs = tqdm(range(1, params.max_epochs + 1), desc=f"{params.method} on {params.task}", disable=not progress)
     if run.device.type == "cuda":
@@ -359,7 +384,7 @@ def train_epochs(run: Run, progress: bool, on_epoch: Callable[[dict], None] | No
                 break
             val = run.score("validation")
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_score": val["score"],
-                   "seconds": time.time() - epoch_start}
+                   "seconds": time.time() - epoch_start, "train_flops": out.flops}
             out.history.append(row)
             if on_epoch is not None:
                 on_epoch(row)
@@ -514,7 +539,7 @@ def fit(params: RunParams, progress: bool = True, on_epoch: Callable[[dict], Non
     task, raw_splits, data_info = load_data(params)
     run = build_model(params, task, raw_splits, data_info)
     cache_info = build_caches(run, progress)
-    training = train_epochs(run, progress, on_epoch)
+    training = train_epochs(run, progress, on_epoch, cache_info.get("fill_flops", 0.0))
     measured = measure_costs(run, training)
     test, test_examples = score_test(run, training)
     record = assemble_record(run, training, measured, test, test_examples, cache_info, time.time() - start)

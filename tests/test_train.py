@@ -186,7 +186,7 @@ def keys_of(tmp_path, monkeypatch):
     def fake_build_set(model, split, layout, batch_size, device, mode, dtype, path, progress):
         (_, n_layers, d_model), = layout.values()
         built.append((split.name, n_layers, d_model, mode, dtype, Path(path)))
-        return readlib.cache.CacheSet(phi=types.SimpleNamespace(nbytes=10))
+        return readlib.cache.CacheSet(phi=types.SimpleNamespace(nbytes=10, fill_flops=0.0))
 
     monkeypatch.setattr(readlib.cache, "build_set", fake_build_set)
 

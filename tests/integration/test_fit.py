@@ -129,7 +129,7 @@ def test_record_has_the_readme_fields(record):
                                    "sizes_used", "subsample_seed"}
     examples = record["test_examples"]
     assert len(examples["predictions"]) == len(examples["references"]) == record["data"]["sizes_used"]["test"]
-    assert all(set(row) == {"epoch", "train_loss", "val_score", "seconds"} for row in record["history"])
+    assert all(set(row) == {"epoch", "train_loss", "val_score", "seconds", "train_flops"} for row in record["history"])
     assert set(record["majority_baseline"]) == {"validation", "test"}
     assert set(record["energy"]) == {"seconds", "interval_s", "p0_kw", "nvml_counter", "paper_eq4", "rapl"}
     assert set(record["memory"]["accounted"]) == {"weights", "activations", "gradients", "optimizer"}
@@ -295,3 +295,25 @@ def test_linear_warmup_schedule_sets_each_steps_learning_rate(monkeypatch):
     assert (r["lr_schedule"], r["warmup_steps"]) == ("linear_warmup", 2)
     # 2 epochs x 2 steps of 16: up over 2 steps, down to 0 at step 4; the last AdamW is step_costs' lr-0 one
     assert seen[:4] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4]) and seen[4] == 0.0
+
+
+# ---------------------------------------------------------------- training compute per epoch
+
+EQUAL_LENGTHS = dict(task="rte", max_train=32, max_eval=16, max_epochs=2, patience=2, batch_size=16,
+                     micro_batch_size=8, max_length=8, lr=1e-4)  # every RTE pair is longer: all 8 tokens
+
+
+@pytest.mark.parametrize("method, cache", [("full", "off"), ("lora", "off"), ("read", "memory"), ("read", "off")])
+def test_cumulative_training_flops_per_epoch(method, cache):
+    """With every input truncated to 8 tokens, each micro-batch costs what ``flops.train_micro_batch`` (counted
+    after training on 8 training examples) does: an epoch is 4 of them; READ from the cache also pays the backbone
+    pass over the 32 training examples once, before the first epoch."""
+    r = fit(make_params("quick", method=method, cache=cache, **EQUAL_LENGTHS), progress=False)
+    flops = [row["train_flops"] for row in r["history"]]
+    fill = r["cache"].get("fill_flops", 0.0)
+    assert len(flops) == 2 and (fill > 0) == (cache == "memory")
+    per_epoch = 4 * r["flops"]["train_micro_batch"]
+    assert flops[0] == pytest.approx(fill + per_epoch, rel=1e-9)
+    assert flops[1] == pytest.approx(fill + 2 * per_epoch, rel=1e-9)
+    if cache == "memory":  # the fill is the backbone's forward: more than READ's side network forward + backward
+        assert fill > per_epoch

@@ -87,7 +87,7 @@ def test_record_describes_the_cache(runs):
     off, memory = runs["off"][0], runs["memory"][0]
     assert off["cache"] == {"mode": "off"}
     info = memory["cache"]
-    assert set(info) == {"mode", "dtype", "bytes", "seconds"}
+    assert set(info) == {"mode", "dtype", "bytes", "seconds", "fill_flops"}
     assert (info["mode"], info["dtype"]) == ("memory", "float32")
     # all tokens of all three splits (the 3 + 2 + 2 filling passes come first), 6 layers of 384 float32 values each
     assert info["bytes"] == sum(runs["memory"][1].tokens_per_call[:7]) * 6 * 384 * 4
@@ -98,6 +98,10 @@ def test_disk_cache_in_fit_is_written_then_reused(runs):
     disk, disk_calls = runs["disk"]
     again, again_calls = runs["disk again"]
     assert disk["cache"]["mode"] == "disk" and disk["cache"]["bytes"] == runs["memory"][0]["cache"]["bytes"]
+    # the fill's FLOPs are kept in the disk cache's marker: a run that reuses it counts the same training compute
+    fill = runs["memory"][0]["cache"]["fill_flops"]
+    assert fill > 0 and disk["cache"]["fill_flops"] == again["cache"]["fill_flops"] == fill
+    assert [r["train_flops"] for r in again["history"]] == [r["train_flops"] for r in runs["memory"][0]["history"]]
     inference = (2 + readlib.train.LATENCY_REPEATS) * 16  # the record's inference costs, never from the cache
     assert disk_calls.rows == 96 + inference
     assert again_calls.calls == 2 + readlib.train.LATENCY_REPEATS  # every split came from disk
