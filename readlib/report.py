@@ -335,6 +335,60 @@ def k_ablation_figure(per_k: pd.DataFrame, tasks: list[str]) -> Figure:
 # ---------------------------------------------------------------- every record, outside the notebooks
 
 
+def compute_curves(records: list[dict]) -> pd.DataFrame:
+    """Validation score against training compute: one row per (run, epoch) with task, method, lr, seed, profile,
+    epoch, ``train_flops`` (cumulative, the record's history) and ``best_so_far`` (the run's best validation score up
+    to that epoch: what early stopping would keep at that budget). Records from before readlib counted training FLOPs
+    (no ``train_flops`` in their history) are left out."""
+    rows = []
+    for record in records:
+        best = -float("inf")
+        for row in record.get("history") or []:
+            if row.get("train_flops") is None:
+                break
+            best = max(best, row["val_score"])
+            rows.append({"task": record["task"], "method": record["method"], "lr": record["lr"],
+                         "seed": record["seed"], "profile": record.get("profile"), "epoch": row["epoch"],
+                         "train_flops": row["train_flops"], "val_score": row["val_score"], "best_so_far": best})
+    columns = ["task", "method", "lr", "seed", "profile", "epoch", "train_flops", "val_score", "best_so_far"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def best_at_budget(curves: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
+    """For each task and budget (FLOPs): each method's best validation score among the epochs of any of its runs
+    whose cumulative training FLOPs fit in the budget (NaN when none does), and the method that is best there."""
+    rows = []
+    for task, of_task in curves.groupby("task", sort=True):
+        for budget in budgets:
+            fit_in = of_task[of_task["train_flops"] <= budget]
+            scores = {m: fit_in.loc[fit_in["method"] == m, "val_score"].max()
+                      for m in sorted(of_task["method"].unique())}
+            reached = {m: v for m, v in scores.items() if pd.notna(v)}
+            rows.append({"task": task, "budget_flops": budget, **scores,
+                         "best": max(reached, key=reached.get) if reached else None})
+    return pd.DataFrame(rows)
+
+
+def compute_figure(curves: pd.DataFrame, task: str) -> Figure:
+    """Best validation score so far against cumulative training FLOPs (log scale), one line per run, coloured by
+    method: which method is best at each compute budget on ``task``."""
+    data = curves[curves["task"] == task]
+    if data.empty:
+        raise ConfigError(f"no runs of {task!r} with training FLOPs per epoch (records from before they were counted "
+                          "have none); run notebook 03 or a worker")
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    data = data.assign(run=data["method"] + " lr=" + data["lr"].map("{:.1e}".format) + " seed="
+                       + data["seed"].astype(str))
+    sns.lineplot(data, x="train_flops", y="best_so_far", hue="method", units="run", estimator=None, marker="o",
+                 drawstyle="steps-post", ax=ax)
+    ax.set_xscale("log")
+    metric = METRIC_LABEL[get_task(task).metric]
+    ax.set(xlabel="cumulative training compute (FLOPs, torch.utils.flop_counter)",
+           ylabel=f"best validation {metric} so far (fraction)", title=f"{task}: accuracy per unit of training compute")
+    return fig
+
+
 def stored_records(storage_url: str | None = None) -> list[dict]:
     """Every result record in the storage (all studies, any trial state that kept one), in study and trial order.
     A SQLite file that does not exist is a ConfigError (rather than a new, empty storage)."""

@@ -230,3 +230,45 @@ def test_export_records_as_csv_and_jsonl(tmp_path):
         report.export_records(url, tmp_path / "r.xml", "xml")
     with pytest.raises(ConfigError, match="no study storage"):
         report.export_records(f"sqlite:///{tmp_path / 'none.db'}", tmp_path / "r.csv")
+
+
+# ---------------------------------------------------------------- accuracy per unit of training compute
+
+
+def run_record(method, lr, flops_and_scores, task="mrpc", seed=0):
+    history = [{"epoch": i + 1, "train_loss": 0.5, "val_score": v, "seconds": 1.0, "train_flops": f}
+               for i, (f, v) in enumerate(flops_and_scores)]
+    return {"task": task, "method": method, "lr": lr, "seed": seed, "profile": "quick", "history": history}
+
+
+COMPUTE_RUNS = [
+    run_record("read", 1e-3, [(3e12, 0.60), (4e12, 0.70), (5e12, 0.65)]),  # a cache fill of ~2e12, 1e12 per epoch
+    run_record("full", 1e-5, [(8e12, 0.55), (16e12, 0.75)]),
+    run_record("full", 1e-4, [(8e12, 0.62), (16e12, 0.58)]),
+    {"task": "mrpc", "method": "lora", "lr": 5e-4, "seed": 0, "history": [{"epoch": 1, "val_score": 0.9}]},  # no flops
+]
+
+
+def test_compute_curves_keep_the_best_so_far_and_skip_records_without_flops():
+    curves = report.compute_curves(COMPUTE_RUNS)
+    assert len(curves) == 7 and "lora" not in set(curves.method)
+    read = curves[curves.method == "read"]
+    assert list(read.best_so_far) == [0.60, 0.70, 0.70] and list(read.train_flops) == [3e12, 4e12, 5e12]
+
+
+def test_best_method_at_each_budget():
+    table = report.best_at_budget(report.compute_curves(COMPUTE_RUNS), [1e12, 3e12, 1e13, 2e13]).set_index(
+        "budget_flops")
+    assert pd.isna(table.loc[1e12, "best"]) and math.isnan(table.loc[1e12, "read"])  # nothing fits in 1e12
+    assert table.loc[3e12, "best"] == "read" and math.isnan(table.loc[3e12, "full"])
+    assert (table.loc[1e13, "read"], table.loc[1e13, "full"], table.loc[1e13, "best"]) == (0.70, 0.62, "read")
+    assert (table.loc[2e13, "full"], table.loc[2e13, "best"]) == (0.75, "full")  # full overtakes with 4x the compute
+
+
+def test_compute_figure_has_log_flops_and_one_line_per_run():
+    fig = report.compute_figure(report.compute_curves(COMPUTE_RUNS), "mrpc")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and "FLOPs" in ax.get_xlabel() and "fraction" in ax.get_ylabel()
+    assert len([line for line in ax.get_lines() if len(line.get_xdata()) > 1]) == 3  # 3 runs
+    with pytest.raises(ConfigError, match="no runs of 'sst2'"):
+        report.compute_figure(report.compute_curves(COMPUTE_RUNS), "sst2")
