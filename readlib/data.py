@@ -204,8 +204,15 @@ def _not_found(spec: TaskSpec, reason: str) -> str:
 
 def _from_hub(spec: TaskSpec) -> datasets.DatasetDict:
     """The task from the hub, or offline from the ``datasets`` cache (``datasets`` falls back to it by itself
-    under HF_HUB_OFFLINE=1 when an earlier run downloaded it)."""
-    return datasets.load_dataset(HUB_DATASET, spec.name)
+    under HF_HUB_OFFLINE=1 when an earlier run downloaded it). ``datasets`` reads the offline switch once, when it is
+    imported; a switch set later (``os.environ`` in a notebook) is applied here too, so that it never waits on an
+    unreachable network."""
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or _hub_off() is not None
+    try:
+        return datasets.load_dataset(HUB_DATASET, spec.name)
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
 
 
 def check_available(task: str, data_dir: str | Path | None = None) -> str:

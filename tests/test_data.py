@@ -665,3 +665,20 @@ def test_local_data_revision_is_a_content_hash(tmp_path):
     swapped = table.rename_columns(["sentence2", "sentence1", *table.column_names[2:]])  # same sizes, new texts
     pq.write_table(swapped.select(table.column_names), tmp_path / "rte" / "validation.parquet")
     assert data.revision("rte", tmp_path) != same
+
+
+def test_an_offline_switch_set_after_import_reaches_datasets(monkeypatch):
+    """datasets reads HF_HUB_OFFLINE at import; set later (a notebook's os.environ), it must still keep datasets off
+    the network (which it otherwise waits on until a timeout), and the global setting is restored afterwards."""
+    seen = []
+
+    def load_dataset(*args, **kwargs):
+        seen.append(datasets.config.HF_HUB_OFFLINE)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataNotFoundError):
+        data.check_available("qqp")
+    assert seen == [True] and datasets.config.HF_HUB_OFFLINE is False
