@@ -192,3 +192,12 @@ def no_dropout(run):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return run
+
+
+def one_error_line(capsys) -> str:
+    """The CLI's stderr after bad input: nothing on stdout, exactly one line, ``readlib: error: ...``; returned."""
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1, err
+    assert lines[0].startswith("readlib: error: ")
+    return lines[0]

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+from helpers import one_error_line
 
 import readlib.__main__
 import readlib.backbones
@@ -24,12 +25,6 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr(readlib.backbones, "load", refuse)
 
 
-def one_error_line(capsys) -> str:
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert out == "" and len(lines) == 1, err
-    assert lines[0].startswith("readlib: error: ")
-    return lines[0]
 
 
 

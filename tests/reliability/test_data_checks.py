@@ -6,6 +6,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import one_error_line
 
 import readlib.backbones
 from readlib import data
@@ -26,10 +27,7 @@ def no_model(monkeypatch):
 def train(capsys, data_dir) -> str:
     """Run `train` on quick RTE from ``data_dir``; assert exit code 2 and one error line; return it."""
     assert main(["train", "--task", "rte", "--profile", "quick", "--data_dir", str(data_dir)]) == 2
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert out == "" and len(lines) == 1 and lines[0].startswith("readlib: error: "), err
-    return lines[0]
+    return one_error_line(capsys)
 
 
 def rte_copy(tmp_path, change=None, split="validation"):

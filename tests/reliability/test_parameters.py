@@ -1,6 +1,7 @@
 """Out-of-range run parameters and bad storage URLs: exit code 2 and one line, before any data or model loads."""
 
 import pytest
+from helpers import one_error_line
 
 import readlib.backbones
 import readlib.data
@@ -22,10 +23,7 @@ def nothing_loads(monkeypatch):
 
 def error_line(capsys, argv) -> str:
     assert main(argv) == 2
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert out == "" and len(lines) == 1 and lines[0].startswith("readlib: error: "), err
-    return lines[0]
+    return one_error_line(capsys)
 
 
 @pytest.mark.parametrize("option, value, needle", [
