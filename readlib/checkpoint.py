@@ -92,7 +92,7 @@ def describe(params, backbone: backbones.Backbone, task: data.TaskSpec) -> dict[
         "backbone": params.backbone, "backbone_source": backbone.source, "backbone_revision": backbone.revision,
         "weights_seed": None if backbone.pretrained else params.seed, "seed": params.seed,
         "formulation": backbone.formulation,
-        "target_format": params.target_format if backbone.formulation == "text-to-text" else None,
+        "target_format": params.target_format if backbone.formulation != "classification" else None,
         "max_length": params.max_length, "micro_batch_size": params.micro_batch_size, "precision": params.precision,
     }
 

@@ -423,6 +423,8 @@ def split_table() -> pd.DataFrame:
 
 LST_FIELD_KEYS = {("mnli", "hypothesis"): "hypothesis"}  # LST's keys that differ from "<field>:"
 STSB_STEP = 0.2  # "t5": STS-B targets are scores rounded to the nearest 0.2, written "3.8"
+# decoder-only LMs (causal-lm): the prompt is the text-to-text source, then this cue; the target follows as next tokens
+PROMPT_CUE = " answer:"
 
 
 def t5_source(spec: TaskSpec, row: dict, style: str = "lst") -> str:
@@ -470,28 +472,47 @@ class Encoded:
     also has target ids (``t5_target`` + end-of-sequence), both in ``target_format`` ("lst" | "t5");
     ``batch`` then returns ``decoder_input_ids`` (targets shifted right behind the pad id, T5's decoder
     start) and token labels with -100 on padding.
+
+    With ``causal`` too, the split is for a decoder-only LM: each example is one sequence, the prompt
+    (``t5_source`` + ``PROMPT_CUE``, cut to leave room for the target) followed by the target ids; ``batch`` returns
+    ``target_mask`` [batch, tokens] (True where the next token is a target token) and, as labels, those next
+    tokens [targets in the batch], in row order. ``prompt_batch`` feeds a prompt plus tokens generated so far.
     """
 
     def __init__(self, dataset, tokenizer, task: TaskSpec, max_length: int, eos_id: int | None = None,
-                 target_format: str = "lst"):
+                 target_format: str = "lst", causal: bool = False):
         _check_choice("target format", target_format, TARGET_FORMATS)
+        if causal and eos_id is None:
+            raise ValueError("a causal-lm split needs eos_id: its targets end with end-of-sequence")
         self.pad_id = tokenizer.pad_token_id or 0
-        self.formulation = "classification" if eos_id is None else "text-to-text"
+        self.formulation = "classification" if eos_id is None else "causal-lm" if causal else "text-to-text"
         self.target_format = target_format  # how generated text is read back: t5_label(task, text, target_format)
         dtype = torch.float32 if task.is_regression else torch.long
         self.labels = torch.tensor(list(dataset["label"]), dtype=dtype)
-        self.targets = None
+        self.targets = self.prompts = None
         if eos_id is not None:
             sources = [t5_source(task, row, target_format) for row in dataset]
-            enc = tokenizer(sources, truncation=True, max_length=max_length)
             # float32 labels, as LST's datasets hand them to round_stsb_target (its STS-B ties depend on it)
             targets = [t5_target(task, label, target_format) for label in self.labels.tolist()]
             self.targets = [ids + [eos_id] for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
+        if causal:
+            cue = tokenizer(PROMPT_CUE, add_special_tokens=False)["input_ids"]
+            room = max_length - len(cue) - max(map(len, self.targets), default=0)
+            if room < 2:
+                raise ConfigError(f"max_length {max_length} leaves no room for a prompt before the '{PROMPT_CUE}' "
+                                  f"cue and the longest target of {task.name}; raise max_length")
+            enc = tokenizer(sources, truncation=True, max_length=room)
+            self.prompts = [ids + cue for ids in enc["input_ids"]]
+            self.input_ids = [p + t for p, t in zip(self.prompts, self.targets, strict=True)]
+            self.token_type_ids = None
+        elif eos_id is not None:
+            enc = tokenizer(sources, truncation=True, max_length=max_length)
         else:
             enc = tokenizer(*[list(dataset[name]) for name in task.text_fields], truncation=True,
                             max_length=max_length)
-        self.input_ids = enc["input_ids"]
-        self.token_type_ids = None if eos_id is not None else enc.get("token_type_ids")
+        if not causal:
+            self.input_ids = enc["input_ids"]
+            self.token_type_ids = None if eos_id is not None else enc.get("token_type_ids")
         self.cache = None  # a readlib.cache.HiddenStateCache (or CacheSet) once built
 
     def __len__(self) -> int:
@@ -499,29 +520,34 @@ class Encoded:
 
     def padded_tokens(self, idx) -> int:
         """Token positions a batch of examples ``idx`` occupies once padded (``batch``): examples × the longest input,
-        plus examples × the longest target for text-to-text."""
+        plus examples × the longest target for text-to-text (a causal-lm input holds its target)."""
         idx = [int(i) for i in idx]
         tokens = len(idx) * max(len(self.input_ids[i]) for i in idx)
-        if self.targets is not None:
+        if self.formulation == "text-to-text":
             tokens += len(idx) * max(len(self.targets[i]) for i in idx)
         return tokens
+
+    def target_rows(self) -> list[int]:
+        """Causal-lm: the positions per example whose next token is a target (its target's length)."""
+        return [len(t) for t in self.targets]
 
     def batch(self, idx: torch.Tensor | list[int], device: torch.device) -> tuple[dict, torch.Tensor]:
         """(model inputs, labels) of examples ``idx``, padded to the longest of them, on ``device``."""
         idx = [int(i) for i in idx]
-        width = max(len(self.input_ids[i]) for i in idx)
-        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        types = torch.zeros((len(idx), width), dtype=torch.long) if self.token_type_ids else None
-        for row, i in enumerate(idx):
-            n = len(self.input_ids[i])
-            ids[row, :n] = torch.tensor(self.input_ids[i])
-            mask[row, :n] = 1
-            if types is not None:
-                types[row, :n] = torch.tensor(self.token_type_ids[i])
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if types is not None:
+        inputs = self._padded([self.input_ids[i] for i in idx], device)
+        if self.token_type_ids:
+            types = torch.zeros_like(inputs["input_ids"], device="cpu")
+            for row, i in enumerate(idx):
+                types[row, : len(self.token_type_ids[i])] = torch.tensor(self.token_type_ids[i])
             inputs["token_type_ids"] = types.to(device)
+        if self.formulation == "causal-lm":
+            target_mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+            for row, i in enumerate(idx):  # position p predicts token p + 1: the last prompt token predicts target 0
+                start = len(self.prompts[i]) - 1
+                target_mask[row, start : start + len(self.targets[i])] = True
+            inputs["target_mask"] = target_mask.to(device)
+            labels = torch.tensor([t for i in idx for t in self.targets[i]], dtype=torch.long)
+            return inputs, labels.to(device)
         if self.targets is None:
             return inputs, self.labels[idx].to(device)
         width = max(len(self.targets[i]) for i in idx)
@@ -532,3 +558,21 @@ class Encoded:
         inputs["decoder_input_ids"] = decoder_input_ids.masked_fill(decoder_input_ids == -100, self.pad_id).to(device)
         inputs["decoder_attention_mask"] = (labels != -100).long().to(device)
         return inputs, labels.to(device)
+
+    def _padded(self, rows: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` [len(rows), longest row], padded on the right."""
+        ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, tokens in enumerate(rows):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+    def prompt_batch(self, idx: list[int], generated: list[list[int]], device: torch.device) -> dict:
+        """Causal-lm decoding: each example's prompt plus its tokens generated so far, with ``target_mask`` on the last
+        position only (the one that predicts the next token)."""
+        rows = [self.prompts[i] + tokens for i, tokens in zip(idx, generated, strict=True)]
+        inputs = self._padded(rows, device)
+        target_mask = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+        target_mask[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])] = True
+        return inputs | {"target_mask": target_mask.to(device)}

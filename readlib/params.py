@@ -20,12 +20,15 @@ import sqlalchemy
 import torch
 import yaml
 
-from readlib import backbones, data, methods
+from readlib import backbones, data, methods, quantize
 from readlib.cache import DTYPES, MODES
 from readlib.errors import ConfigError
 from readlib.paths import PROFILE_DIR
 
 PROFILES = ("quick", "default", "paper")
+# GLUE as a prompt and next tokens on a decoder-only LM. Selective also trains decoder-only LMs, on the next-token loss
+# over whole sequences (TokenTune Table 1's memory accounting, readlib.scaling), not on a prompt's target tokens.
+CAUSAL_GLUE_METHODS = ("full", "lora", "read")
 LR_SCHEDULES = ("constant", "linear_warmup")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -50,6 +53,10 @@ class RunParams:
     backbone: str = field(default="minilm", metadata={
         "help": "minilm (bundled), t5-small/base/large/3b, random-t5-* / random-bert-* (random weights, "
                 "[:key=value,...]), a hub id org/model or a local save_pretrained folder"})
+    backbone_quant: str = field(default="none", metadata={
+        "help": "none | int8 (CPU: int8 linear and embedding weights, 8-bit activations per batch) | nf4 (CUDA + "
+                "bitsandbytes: 4-bit NormalFloat linear weights): the frozen backbone's weights, for methods that "
+                "never back-propagate through it (read, lst)"})
     lr: float | None = field(default=None, metadata={"help": "learning rate per step; null: the method's default"})
     max_epochs: int = field(default=30, metadata={"help": "epochs at most (early stopping may end sooner)"})
     patience: int = field(default=1, metadata={"help": "epochs without validation improvement before stopping"})
@@ -104,10 +111,10 @@ class RunParams:
         data.get_task(self.task)
         methods.make_config(self.method, self.method_args)
         backbones.check_name(self.backbone)
-        if self.backbone.startswith("random-opt-"):
-            raise ConfigError(f"'{self.backbone}' is a decoder-only LM, for memory accounting only "
-                              "(readlib.scaling.computed_phase_memory); GLUE runs need an encoder or a T5")
         self.formulation = backbones.check_formulation(self.backbone, self.formulation)
+        if self.formulation == "causal-lm" and self.method not in CAUSAL_GLUE_METHODS:
+            raise ConfigError(f"method '{self.method}' does not train GLUE on a decoder-only LM ('{self.backbone}'); "
+                              f"those runs take: {', '.join(CAUSAL_GLUE_METHODS)}")
         if not methods.supports(self.method, self.formulation):
             raise ConfigError(f"method '{self.method}' does not train text-to-text (T5 encoder-decoder); use "
                               "--formulation classification (a T5 encoder with a head) or an encoder backbone")
@@ -146,7 +153,23 @@ class RunParams:
         if self.device.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise ConfigError(f"device '{self.device}' requested but no CUDA GPU is visible; use auto or cpu")
+        self.check_quantization()
         return self
+
+    def check_quantization(self) -> None:
+        """ConfigError unless ``backbone_quant`` is known, the method's gradient never enters the backbone, and the
+        mode can run here (int8: the CPU; nf4: a CUDA GPU and bitsandbytes)."""
+        quantize.check(self.backbone_quant, "cpu")  # an unknown mode first
+        if self.backbone_quant == "none":
+            return
+        if not methods.get_method(self.method).quantizable:
+            able = ", ".join(n for n, spec in methods.METHODS.items() if spec.quantizable)
+            raise ConfigError(f"backbone_quant {self.backbone_quant} needs a method that never back-propagates "
+                              f"through the backbone ({able}); '{self.method}' does")
+        if self.formulation != "classification":  # READ's and LST's text-to-text output goes through T5's LM head
+            raise ConfigError(f"backbone_quant {self.backbone_quant} needs --formulation classification: "
+                              f"{self.formulation} back-propagates through the backbone's LM head")
+        quantize.check(self.backbone_quant, self.device)
 
     @property
     def learning_rate(self) -> float:
@@ -162,8 +185,11 @@ NEUTRAL = ("device", "cache", "energy_interval")
 
 def result_fields(params: RunParams) -> dict[str, Any]:
     """Every run parameter that changes a run's result: the learning rate actually used, the method's hyperparameters
-    with their defaults spelt out (less its memory/speed-only switches), the rest as given; ``NEUTRAL`` left out."""
+    with their defaults spelt out (less its memory/speed-only switches), the rest as given; ``NEUTRAL`` left out, and
+    ``backbone_quant`` when "none" (so runs, study names and caches from before it existed keep their names)."""
     fixed = {k: v for k, v in dataclasses.asdict(params).items() if k not in NEUTRAL}
+    if params.backbone_quant == "none":
+        del fixed["backbone_quant"]
     fixed["lr"] = params.learning_rate
     neutral = methods.get_method(params.method).not_in_name
     fixed["method_args"] = {k: v for k, v in dataclasses.asdict(methods.make_config(params.method, params.method_args))

@@ -73,8 +73,9 @@ def meta_step(method: str, backbone: str, batch: int, seq: int, target: int = 4,
     """(model, run, loss) of one training step of ``method`` on a ``random-*`` architecture on the meta device:
     ``run()`` is the model's forward, ``loss(run())`` the training loss.
 
-    T5: text-to-text with ``target`` decoder tokens; BERT: classification (2 classes); OPT: the causal-LM loss on
-    every next token (computed inside ``run``). All tokens are real.
+    T5: text-to-text with ``target`` decoder tokens; BERT: classification (2 classes); decoder-only LMs (OPT, GPT-2,
+    Llama, Qwen2): the next-token loss at every position (language-model fine-tuning, as TokenTune Table 1; selective
+    computes it inside ``run``). All tokens are real.
     """
     bb = backbones.load(backbone, meta=True)
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
@@ -85,8 +86,12 @@ def meta_step(method: str, backbone: str, batch: int, seq: int, target: int = 4,
         extra["selection"] = tuple(t.to("meta") for t in selective.select_positions(torch.ones(batch, seq), k))
     with torch.device("meta"):
         model = methods.build(method, bb, 2, method_args).train()
-    if bb.formulation == "causal-lm":
+    if bb.formulation == "causal-lm" and method == "selective":
         return model, lambda: model(ids, mask, ids, **extra), lambda loss: loss
+    if bb.formulation == "causal-lm":  # logits at every position, as transformers' causal-LM loss computes them
+        targets = torch.ones_like(ids, dtype=torch.bool)
+        labels = torch.zeros(batch * seq, dtype=torch.long, device="meta")
+        return model, lambda: model(ids, mask, targets), lambda logits: task_loss(logits, labels, regression=False)
     inputs = {"input_ids": ids, "attention_mask": mask}
     labels = torch.zeros(batch, dtype=torch.long, device="meta")
     if bb.formulation == "text-to-text":

@@ -9,7 +9,8 @@ builds on a pruned copy of it) and needs its own pass. Models whose tasks read d
 ``sentence`` vs MRPC's ``sentence1``/``sentence2``) see different token sequences and never share a pass.
 
 Predictions are per input: ``{"label": id, "label_name": name}`` for classification, ``{"score": s}`` for STS-B;
-text-to-text models also give the ``generated`` string, and ``label`` null when it is no valid target.
+text-to-text and decoder-only (causal-lm) models also give the ``generated`` string, and ``label`` null when it is no
+valid target.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from readlib import backbones, checkpoint, data
 from readlib.data import Encoded, TaskSpec
 from readlib.errors import ConfigError
-from readlib.train import autocast, greedy_decode, resolve_device
+from readlib.train import autocast, greedy_continue, greedy_decode, resolve_device
 
 SHARES_BACKBONE_PASS = ("read",)  # methods whose models only read the frozen backbone's states (classification)
 
@@ -159,9 +160,10 @@ def _encode(model: Model, rows: Sequence[dict[str, Any]]) -> Encoded:
     fields = {f: [row[f] for row in rows] for f in model.task.text_fields}
     label = 0.0 if model.task.is_regression else 0
     dataset = datasets.Dataset.from_dict(fields | {"label": [label] * len(rows)})
-    eos = model.backbone.eos_id if model.meta["formulation"] == "text-to-text" else None
+    formulation = model.meta["formulation"]
+    eos = model.backbone.eos_id if formulation != "classification" else None
     return Encoded(dataset, model.backbone.tokenizer, model.task, model.meta["max_length"], eos,
-                   model.meta.get("target_format") or "lst")
+                   model.meta.get("target_format") or "lst", causal=formulation == "causal-lm")
 
 
 def _answer(task: TaskSpec, value: float | int | None, generated: str | None = None) -> dict[str, Any]:
@@ -183,13 +185,16 @@ def decode_steps(model: Model) -> int:
 
 @torch.no_grad()
 def _generate(model: Model, split: Encoded, batch_size: int, bar: tqdm) -> list[dict[str, Any]]:
-    """Text-to-text: greedy decoding, each string read back as a label (``data.t5_label``)."""
+    """Text-to-text and causal-lm: greedy decoding, each string read back as a label (``data.t5_label``)."""
     out, steps, eos = [], decode_steps(model), model.backbone.eos_id
     style, tokenizer = model.meta.get("target_format") or "lst", model.backbone.tokenizer
     for start in range(0, len(split), batch_size):
-        inputs, _ = split.batch(range(start, min(start + batch_size, len(split))), model.device)
+        idx = list(range(start, min(start + batch_size, len(split))))
         with autocast(model.meta.get("precision", "fp32"), model.device):
-            ids = greedy_decode(model.net, inputs, split.pad_id, steps).cpu().tolist()
+            if split.formulation == "causal-lm":  # the prompt, then each generated token
+                ids = greedy_continue(model.net, split, idx, steps, model.device).tolist()
+            else:
+                ids = greedy_decode(model.net, split.batch(idx, model.device)[0], split.pad_id, steps).cpu().tolist()
         for row in ids:
             text = tokenizer.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True)
             out.append(_answer(model.task, data.t5_label(model.task, text, style), text))
@@ -244,7 +249,7 @@ def predict_many(models: Sequence[Model], rows: Sequence[dict[str, Any]], batch_
             members = [models[i] for i in group]
             split = _encode(members[0], rows)
             size = batch_size or members[0].batch_size
-            if members[0].meta["formulation"] == "text-to-text":
+            if members[0].meta["formulation"] != "classification":
                 results = [_generate(members[0], split, size, bar)]
             else:
                 results = _classify(members, split, size, bar)

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import readlib
-from readlib import backbones, cache, checkpoint, costs, data, methods, paths
+from readlib import backbones, cache, checkpoint, costs, data, methods, paths, quantize
 from readlib.data import Encoded, TaskSpec
 from readlib.metrics import compute_metrics, majority_baseline
 from readlib.params import RunParams, run_id
@@ -114,13 +114,14 @@ def forward(model: nn.Module, split: Encoded, idx, device: torch.device) -> tupl
     """(logits, labels) of examples ``idx``; from the split's hidden-state cache when it has one."""
     inputs, labels = split.batch(idx, device)
     if split.cache is not None:
-        masks = {k: v for k, v in inputs.items() if k.endswith("attention_mask")}
+        masks = {k: v for k, v in inputs.items() if k.endswith("_mask")}
         return model.forward_features(split.cache.gather(idx, device), **masks), labels
     return model(**inputs), labels
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    """Token cross-entropy for text-to-text (3-d logits), else MSE for STS-B and cross-entropy."""
+    """Token cross-entropy for text-to-text (3-d logits), else MSE for STS-B and cross-entropy (classes, or a
+    decoder-only LM's next tokens: ``regression`` False)."""
     if logits.dim() == 3:
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     if regression:
@@ -137,6 +138,17 @@ def greedy_decode(model: nn.Module, inputs: dict, start_id: int, steps: int) -> 
         next_ids = model(**inputs, decoder_input_ids=decoded)[:, -1].argmax(-1, keepdim=True)
         decoded = torch.cat([decoded, next_ids], 1)
     return decoded[:, 1:]
+
+
+@torch.no_grad()
+def greedy_continue(model: nn.Module, split: Encoded, idx: list[int], steps: int, device: torch.device) -> torch.Tensor:
+    """Greedy continuation of ``steps`` tokens after each example's prompt with a decoder-only method (causal-lm):
+    [examples, steps] token ids."""
+    generated: list[list[int]] = [[] for _ in idx]
+    for _ in range(steps):
+        next_ids = model(**split.prompt_batch(idx, generated, device)).argmax(-1).tolist()  # [examples]
+        generated = [tokens + [t] for tokens, t in zip(generated, next_ids, strict=True)]
+    return torch.tensor(generated)
 
 
 def parse_generated(task: TaskSpec, tokenizer, ids: torch.Tensor, eos_id: int, references,
@@ -158,22 +170,25 @@ def predict(model: nn.Module, split: Encoded, batch_size: int, device: torch.dev
             tokenizer=None, eos_id: int | None = None, procs: PartialState | None = None) -> np.ndarray:
     """Predictions for a whole split, in order: class ids, or scores for regression.
 
-    Text-to-text splits are decoded greedily for as many tokens as their longest target has. With several
+    Text-to-text and causal-lm splits are decoded greedily for as many tokens as their longest target has (a
+    decoder-only LM reads its prompt plus what it generated so far, one full forward per token). With several
     processes (``procs``), each predicts a contiguous share of the batches and the shares are gathered in order:
     every example is in the same batch as in a single-process run, so the predictions are the same.
     """
     model.eval()
     out = []
     text_to_text = split.formulation == "text-to-text"
-    steps = max(map(len, split.targets)) if text_to_text else 0
+    steps = max(map(len, split.targets)) if split.targets is not None else 0
     starts = range(0, len(split), batch_size)
     if procs is not None and procs.num_processes > 1:
         starts = [starts[i] for i in shard(len(starts), procs)]
     for start in starts:
         idx = range(start, min(start + batch_size, len(split)))
-        if text_to_text:
-            inputs, _ = split.batch(idx, device)
-            ids = greedy_decode(model, inputs, split.pad_id, steps).cpu()
+        if split.targets is not None:
+            if text_to_text:
+                ids = greedy_decode(model, split.batch(idx, device)[0], split.pad_id, steps).cpu()
+            else:
+                ids = greedy_continue(model, split, list(idx), steps, device)
             out.append(parse_generated(task, tokenizer, ids, eos_id, split.labels[list(idx)].tolist(),
                                        split.target_format))
             continue
@@ -207,7 +222,12 @@ class Run:
 
     @property
     def eos_id(self) -> int | None:
-        return self.backbone.eos_id if self.backbone.formulation == "text-to-text" else None
+        return self.backbone.eos_id if self.backbone.formulation != "classification" else None
+
+    @property
+    def regression(self) -> bool:
+        """Whether the loss is MSE on a score (STS-B under a head); text-to-text and causal-lm predict its tokens."""
+        return self.task.is_regression and self.backbone.formulation == "classification"
 
     def autocast(self):
         return autocast(self.params.precision, self.device)
@@ -253,11 +273,14 @@ def build_model(params: RunParams, task: TaskSpec, raw_splits: dict, data_info: 
     procs = processes(params.device)
     device = procs.device if procs.num_processes > 1 else resolve_device(params.device)
     backbone = backbones.load(params.backbone, seed=params.seed, formulation=params.formulation)
-    model = methods.build(params.method, backbone, task.num_labels, params.method_args).to(device)
+    model = methods.build(params.method, backbone, task.num_labels, params.method_args)
+    quantize.quantize(backbone, params.backbone_quant, device)  # after build: LST's pruned init reads float weights
+    model = model.to(device)
     if params.gradient_checkpointing:
         methods.enable_gradient_checkpointing(params.method, model)
-    eos_id = backbone.eos_id if backbone.formulation == "text-to-text" else None
-    splits = {name: Encoded(ds, backbone.tokenizer, task, params.max_length, eos_id, params.target_format)
+    eos_id = backbone.eos_id if backbone.formulation != "classification" else None
+    causal = backbone.formulation == "causal-lm"
+    splits = {name: Encoded(ds, backbone.tokenizer, task, params.max_length, eos_id, params.target_format, causal)
               for name, ds in raw_splits.items()}
     return Run(params, task, data_info, procs, device, backbone, model, splits)
 
@@ -268,8 +291,8 @@ def build_caches(run: Run, progress: bool) -> dict:
     params, model, backbone = run.params, run.model, run.backbone
     if params.cache == "off" or not methods.get_method(params.method).trains_from_cache:
         return {"mode": "off"}
-    # text-to-text evaluation generates (the decoder input changes), so only training reads a cache there
-    splits = {name: s for name, s in run.splits.items() if name == "train" or s.formulation != "text-to-text"}
+    # text-to-text and causal-lm evaluation generates (the input changes each token), so only training reads a cache
+    splits = {name: s for name, s in run.splits.items() if name == "train" or s.formulation == "classification"}
     layouts = {name: model.cache_layout(split) for name, split in splits.items()}
     needed = sum(cache.layout_bytes(layout, params.cache_dtype) for layout in layouts.values())
     cache.check_fits(needed, params.cache, paths.output("cache"))  # all splits, before the first backbone pass
@@ -280,6 +303,8 @@ def build_caches(run: Run, progress: bool) -> dict:
             layers=backbone.num_layers, tokenizer=backbone.tokenizer.name_or_path, vocab=len(backbone.tokenizer),
             task=params.task, split=name, data=run.data_info, max_length=params.max_length, dtype=params.cache_dtype,
             formulation=backbone.formulation,
+            # quantized states differ from float ones; "none" stays out so float caches keep their keys
+            **({"quant": params.backbone_quant} if params.backbone_quant != "none" else {}),
             tokens=cache.fingerprint(split.input_ids, split.token_type_ids, split.targets),
         )
         # a disk cache is written by the first process and opened by the others once it is complete
@@ -319,7 +344,7 @@ def train_step(run: Run, step: torch.Tensor, trained: list[nn.Parameter], meter:
     for micro in micro_batches(step, run.procs, params.micro_batch_size, run.procs.process_index):
         with meter if meter is not None else nullcontext(), run.autocast():
             logits, labels = forward(run.model, run.splits["train"], micro, run.device)
-            loss = task_loss(logits, labels, run.task.is_regression) * (len(micro) / len(step))
+            loss = task_loss(logits, labels, run.regression) * (len(micro) / len(step))
         meter = None
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.item()
@@ -422,7 +447,7 @@ def step_costs(run: Run) -> dict:
 
     def loss() -> torch.Tensor:
         with run.autocast():
-            return task_loss(*forward(model, train, micro, device), run.task.is_regression)
+            return task_loss(*forward(model, train, micro, device), run.regression)
 
     train_flops = costs.count_flops(lambda: loss().backward())
     model.zero_grad(set_to_none=True)
@@ -455,7 +480,10 @@ def score_test(run: Run, training: Training) -> tuple[dict | None, dict | None]:
     (for bootstrap intervals over test examples); (None, None) when no epoch finished."""
     if training.best_state is None:
         return None, None
-    run.model.load_state_dict(training.best_state, strict=False)
+    with torch.no_grad():  # by name: a quantized backbone's modules refuse a state dict that lacks their weights
+        for name, p in run.model.named_parameters():
+            if name in training.best_state:
+                p.copy_(training.best_state[name])
     predictions, references = run.predictions("test"), run.splits["test"].labels.numpy()
     examples = {"predictions": predictions.tolist(), "references": references.tolist()}
     return compute_metrics(run.params.task, predictions, references), examples
@@ -498,8 +526,9 @@ def assemble_record(run: Run, training: Training, measured: dict, test: dict | N
         "backbone_source": run.backbone.source,
         "backbone_pretrained": run.backbone.pretrained,
         "backbone_revision": run.backbone.revision,
+        "backbone_quant": params.backbone_quant,
         "formulation": run.backbone.formulation,
-        "target_format": params.target_format if run.backbone.formulation == "text-to-text" else None,
+        "target_format": params.target_format if run.backbone.formulation != "classification" else None,
         "cache": cache_info,
         "data": run.data_info,
         "batch_size": params.batch_size,

@@ -201,9 +201,39 @@ def test_random_architecture_names_are_checked(name, needle):
         backbones.check_name(name)
 
 
-def test_a_glue_run_refuses_a_decoder_only_backbone():
-    with pytest.raises(ConfigError, match="decoder-only LM, for memory accounting only"):
-        make_params("quick", task="rte", method="full", backbone="random-opt-tiny")
+@pytest.mark.parametrize("name", ["random-opt-tiny", "random-gpt2-tiny", "random-llama-tiny", "random-qwen2-tiny"])
+def test_a_glue_run_on_a_decoder_only_lm_takes_full_lora_read(name):
+    for method in ("full", "lora", "read"):
+        assert make_params("quick", task="rte", method=method, backbone=name).formulation == "causal-lm"
+    with pytest.raises(ConfigError, match="method 'selective' does not train GLUE on a decoder-only LM"):
+        make_params("quick", task="rte", method="selective", backbone=name)
+    with pytest.raises(ConfigError, match="it takes the formulation 'causal-lm', not 'classification'"):
+        make_params("quick", task="rte", method="read", backbone=name, formulation="classification")
+
+
+def test_causal_lm_needs_a_decoder_only_lm_or_a_hub_id():
+    with pytest.raises(ConfigError, match="'minilm' is not a decoder-only LM"):
+        backbones.check_formulation("minilm", "causal-lm")
+    with pytest.raises(ConfigError, match="text-to-text needs a T5"):
+        backbones.check_formulation("random-gpt2-tiny", "text-to-text")
+    assert backbones.check_formulation("Qwen/Qwen2-0.5B", "causal-lm") == "causal-lm"  # the user says what it is
+    assert backbones.check_formulation("Qwen/Qwen2-0.5B", None) == "classification"
+
+
+@pytest.mark.parametrize("name, hidden, layers, params", [
+    # GPT-2 small: 124,439,808 parameters (wte 50257 x 768 tied to the LM head, wpe 1024 x 768, 12 blocks)
+    ("random-gpt2-small", 768, 12, 124_439_808),
+    # OPT-125M: 125,239,296 (embeddings 50272 x 768 tied, positions 2050 x 768, 12 layers)
+    ("random-opt-125m", 768, 12, 125_239_296),
+    # Llama-7B: 6,738,415,616 (embeddings and LM head 32000 x 4096 each, untied; 32 layers)
+    ("random-llama-7b", 4096, 32, 6_738_415_616),
+    # Qwen2-0.5B: 494,032,768 (embeddings 151936 x 896 tied; q/k/v biases; 2 key/value heads)
+    ("random-qwen2-0.5b", 896, 24, 494_032_768),
+])
+def test_decoder_only_sizes_have_their_published_parameter_counts(name, hidden, layers, params):
+    bb = backbones.load(name, meta=True)
+    assert (bb.formulation, bb.hidden_size, bb.num_layers) == ("causal-lm", hidden, layers)
+    assert sum(p.numel() for p in bb.model.parameters()) == params
 
 
 SEP, PAD = 102, 0  # the bundled word-piece tokenizer's [SEP] (eos for random T5s) and [PAD]

@@ -682,3 +682,39 @@ def test_an_offline_switch_set_after_import_reaches_datasets(monkeypatch):
     with pytest.raises(DataNotFoundError):
         data.check_available("qqp")
     assert seen == [True] and datasets.config.HF_HUB_OFFLINE is False
+
+
+def test_encoded_causal_lm_batch(tokenizer):
+    """A decoder-only LM's example: prompt ([CLS] source [SEP] + " answer:") then the target; target_mask marks the
+    positions whose next token is a target token, labels are those tokens in row order."""
+    enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=64, eos_id=SEP, causal=True)
+    cue = ids_of(tokenizer, data.PROMPT_CUE)
+    assert cue == [3437, 1024]  # "answer", ":"
+    source = tokenizer(data.t5_source(data.get_task("rte"), rte_rows()[0]))["input_ids"]
+    assert enc.prompts[0] == source + cue
+    assert enc.targets == [ids_of(tokenizer, "0") + [SEP], ids_of(tokenizer, "1") + [SEP]]
+    assert enc.input_ids[1] == enc.prompts[1] + enc.targets[1]
+    inputs, labels = enc.batch([0, 1], torch.device("cpu"))
+    assert set(inputs) == {"input_ids", "attention_mask", "target_mask"}
+    n0, n1 = len(enc.prompts[0]), len(enc.prompts[1])
+    assert inputs["target_mask"][0].nonzero().flatten().tolist() == [n0 - 1, n0]
+    assert inputs["target_mask"][1].nonzero().flatten().tolist() == [n1 - 1, n1]
+    # the marked positions' next tokens are the labels
+    ids = inputs["input_ids"]
+    assert [ids[r, p + 1].item() for r, p in inputs["target_mask"].nonzero().tolist()] == labels.tolist()
+    assert labels.tolist() == enc.targets[0] + enc.targets[1] == [1014, SEP, 1015, SEP]
+    assert inputs["attention_mask"].sum(1).tolist() == [n0 + 2, n1 + 2]
+    assert enc.padded_tokens([0, 1]) == 2 * (max(n0, n1) + 2)  # the target is inside the sequence
+    assert enc.target_rows() == [2, 2]
+    # decoding: the prompt and what was generated so far, the last real position marked
+    step = enc.prompt_batch([0, 1], [[1014], []], torch.device("cpu"))
+    assert step["input_ids"][0, : n0 + 1].tolist() == enc.prompts[0] + [1014]
+    assert step["target_mask"].nonzero().tolist() == [[0, n0], [1, n1 - 1]]
+
+
+def test_causal_lm_prompt_is_cut_to_leave_room_for_cue_and_target(tokenizer):
+    enc = Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=12, eos_id=SEP, causal=True)
+    assert [len(ids) for ids in enc.input_ids] == [12, 12]  # 8 prompt tokens + 2 cue + 2 target
+    assert all(p[-2:] == [3437, 1024] for p in enc.prompts)  # the cue survives the cut
+    with pytest.raises(ConfigError, match="max_length 5 leaves no room for a prompt"):
+        Encoded(rte_rows(), tokenizer, data.get_task("rte"), max_length=5, eos_id=SEP, causal=True)

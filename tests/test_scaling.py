@@ -58,8 +58,16 @@ def test_computed_phase_memory_decoder_only_methods():
     assert full["after"]["optimizer"] - full["after"]["backward"] == 2 * weights + 4 * len(params)
     assert lora["cumulative"]["optimizer"] < full["cumulative"]["optimizer"]
     assert sel["peak"]["forward"] < full["peak"]["forward"]
+    read = scaling.computed_phase_memory("read", "random-opt-tiny", batch=2, seq=16)
+    trained = [p for p in meta_read_parameters() if p.requires_grad]
+    assert read["after"]["optimizer"] - read["after"]["backward"] == sum(2 * p.numel() * 4 + 4 for p in trained)
     with pytest.raises(ConfigError, match="does not train causal-lm"):
-        scaling.computed_phase_memory("read", "random-opt-tiny", batch=1, seq=8)
+        scaling.computed_phase_memory("bitfit", "random-opt-tiny", batch=1, seq=8)
+
+
+def meta_read_parameters():
+    with torch.device("meta"):
+        return list(methods.build("read", backbones.load("random-opt-tiny", meta=True), 2).parameters())
 
 
 # ---------------------------------------------------------------- parameter counts and the patch of transformers

@@ -135,7 +135,7 @@ def test_step_costs_flops_by_formula():
     model = methods.build("full", backbone, 2)
     run = types.SimpleNamespace(params=types.SimpleNamespace(micro_batch_size=2), eval_batch=4, model=model,
                                 device=torch.device("cpu"), splits={"train": split, "validation": split},
-                                task=data.get_task("sst2"), autocast=contextlib.nullcontext)
+                                task=data.get_task("sst2"), regression=False, autocast=contextlib.nullcontext)
     out = train.step_costs(run)
     d, ffn, layers, labels = 64, 128, 2, 2
 

@@ -61,15 +61,16 @@ class Seq2SeqLM(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A decoder-only LM trained or adapted in place (full, LoRA): ``forward(input_ids, attention_mask, labels)``
-    -> the mean next-token cross-entropy (nats) of transformers' causal-LM loss."""
+    """A decoder-only LM trained or adapted in place (full, LoRA): next-token logits [targets, vocab] at the positions
+    ``target_mask`` marks (``readlib.data.Encoded``), the frozen or trained LM head applied there only."""
 
     def __init__(self, backbone):
         super().__init__()
         self.lm = backbone.model
 
-    def forward(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    def forward(self, input_ids, attention_mask, target_mask) -> torch.Tensor:
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.lm.get_output_embeddings()(hidden[target_mask])
 
 
 def wrap(backbone, num_labels: int, dropout: float) -> nn.Module:

@@ -19,7 +19,9 @@ from readlib.methods.head import check_dropout, wrap
 
 # LoRA is usually run at 1e-4..1e-3 (the LoRA paper's RoBERTa GLUE runs: 4e-4..5e-4; READ Table 8: 1.75e-4).
 DEFAULT_LR = 5e-4
-TARGETS = {"t5": ["q", "v"], "opt": ["q_proj", "v_proj"]}  # by model_type; BERT-like encoders: query, value
+# by model_type; BERT-like encoders: query, value. GPT-2 fuses q, k, v into one Conv1D (c_attn): LoRA adapts all three.
+TARGETS = {"t5": ["q", "v"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+           "gpt2": ["c_attn"]}
 BERT_TARGETS = ["query", "value"]
 
 

@@ -9,6 +9,11 @@ enters T (Section 2.1).
     ψ_j^α = Σ_β σ_{D,j}^{αβ} Ψ h^E_{N_E,β},  h^D_j^α = N^D(φ^D_j^α + ψ_j^α, h^D_{j-1}^α)    (eq. (17) reduced)
     φ'_N = φ_N + W_o h_N                     (W_o zero-initialised: training starts at the frozen backbone)
 
+A decoder-only LM (GPT-2, OPT, Llama, Qwen2: ``READCausal``) has one stack and no cross-attention, so it takes the
+encoder's recursion (Ψ = 0): N walks φ_1..φ_N of each position whose next token is a target (causal attention has
+already mixed the prompt into those states) and the frozen LM head reads φ'_N. Only those positions are kept or
+cached: one row per target token, not per prompt token.
+
 Options from the authors' public code (off by default, so the defaults are Algorithm 1 exactly): a learnable
 RMSNorm of each φ_i before N (``state_norm``), a bias and a fixed factor on the correction, φ'_N = φ_N +
 s (W_o h + b_o) (``output_bias``, ``output_scale``), and the mean of h_1..h_N instead of h_N (``combine``).
@@ -356,6 +361,39 @@ class READSeq2Seq(FrozenBackbone):
         return self.adapt(features["phi_e"], phi_d, sigma, attention_mask)
 
 
+class READCausal(FrozenBackbone):
+    """READ on a decoder-only LM: logits [targets, vocab] of the next tokens at the positions ``target_mask`` marks.
+
+        h_i^α = N(φ_i^α, h_{i-1}^α),  φ'_N^α = φ_N^α + W_o h_N^α,  logits^α = LMHead(φ'_N^α)   (α: a target position)
+
+    φ_N is the stack's output after its final norm (what the LM head reads), φ_1..φ_{N-1} the residual stream, as
+    T5's φ^D. The LM head stays frozen (tied to the embeddings on GPT-2, OPT and Qwen2).
+    """
+
+    def __init__(self, backbone, config: Config):
+        super().__init__(backbone)
+        side = GatedSideNetwork if config.joiner == "gated" else READSideNetwork
+        self.side = side(backbone.hidden_size, config)
+
+    def cache_layout(self, split) -> dict[str, tuple[list[int], int, int]]:
+        """Rows per example (its target tokens), layers and width of φ_1..φ_N, for ``readlib.cache``."""
+        return {"phi": (split.target_rows(), self.backbone.num_layers, self.backbone.hidden_size)}
+
+    def features(self, input_ids, attention_mask, target_mask) -> torch.Tensor:
+        """φ_1..φ_N at the target positions, [N, targets, d], computed without gradient (one backbone pass)."""
+        with torch.inference_mode():
+            states = self.backbone.hidden_states(input_ids, attention_mask)
+        return torch.stack([phi[target_mask] for phi in states[1:]])  # a normal tensor: may be saved for backward
+
+    def forward_features(self, phi: torch.Tensor, attention_mask, target_mask) -> torch.Tensor:
+        """Next-token logits [targets, vocab] from the states ``phi`` [N, targets, d] (cached or just computed)."""
+        return self.frozen.get_output_embeddings()(phi[-1] + self.side(phi))  # LMHead(φ_N + W_o h_N)
+
+    def forward(self, input_ids, attention_mask, target_mask) -> torch.Tensor:
+        return self.forward_features(self.features(input_ids, attention_mask, target_mask), attention_mask,
+                                     target_mask)
+
+
 def lm_logits(t5, hidden: torch.Tensor) -> torch.Tensor:
     """T5's LM head on a final decoder state, with the model's output scaling for tied embeddings."""
     if t5.config.scale_decoder_outputs:
@@ -364,6 +402,10 @@ def lm_logits(t5, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def build(backbone, num_labels: int, config: Config) -> nn.Module:
+    if backbone.formulation == "causal-lm":
+        if config.drop_layers:  # φ_N must stay the stack's normalised output, the one the LM head was trained on
+            raise ConfigError("read.drop_layers applies to encoders and T5, not to a decoder-only LM")
+        return READCausal(backbone, config)
     if config.drop_layers:
         drop_last_layers(backbone, config.drop_layers)
     if backbone.formulation == "text-to-text":
@@ -371,4 +413,5 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
     return READ(backbone, num_labels, config)
 
 
-SPEC = MethodSpec("read", Config, DEFAULT_LR, build, trains_from_cache=True)
+SPEC = MethodSpec("read", Config, DEFAULT_LR, build, trains_from_cache=True,
+                  formulations=("classification", "text-to-text", "causal-lm"), quantizable=True)

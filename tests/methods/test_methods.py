@@ -335,8 +335,8 @@ def test_the_frozen_backbone_stays_in_eval_mode_whatever_the_method_mode():
 def test_a_formulation_the_method_does_not_train_is_refused_by_build():
     with pytest.raises(ConfigError, match="method 'selective' does not train text-to-text"):
         methods.build("selective", backbones.load("random-t5-tiny"), 2)
-    with pytest.raises(ConfigError, match="method 'read' does not train causal-lm"):
-        methods.build("read", backbones.load("random-opt-tiny", meta=True), 2)
+    with pytest.raises(ConfigError, match="method 'bitfit' does not train causal-lm"):
+        methods.build("bitfit", backbones.load("random-opt-tiny", meta=True), 2)
 
 
 def test_unknown_method_lists_choices():
