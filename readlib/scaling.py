@@ -273,3 +273,58 @@ def memory_vs_batch(encoder: str, batches: list[int], seq: int, progress: bool =
             result = computed_phase_memory(method, encoder, b, seq, method_args=args)
             rows.append({"method": name, "batch": b, "peak_bytes": result["cumulative"]["optimizer"]})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- a decoder-only LM at 7B scale, quantized or not
+
+# QLoRA (Dettmers et al. 2023, Section 3): NF4 weights (4 bits) in blocks of 64, each block's absmax constant quantized
+# to 8 bits ("double quantization") in blocks of 256 with one float32 constant each: 4 + 8/64 + 32/(64 x 256) bits.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+DECODER_SETTINGS = (  # (setting, method, 4-bit backbone)
+    ("full fine-tuning", "full", False),
+    ("LoRA", "lora", False),
+    ("LoRA, 4-bit backbone (QLoRA-style)", "lora", True),
+    ("READ, bf16 backbone", "read", False),
+    ("READ, 4-bit backbone", "read", True),
+)
+
+
+def decoder_training_memory(backbone: str = "random-llama-7b", batch: int = 8, seq: int = 512, lora_rank: int = 16,
+                            progress: bool = True) -> pd.DataFrame:
+    """Training memory of one step per setting of ``DECODER_SETTINGS`` on a decoder-only ``random-*`` LM, computed
+    from shapes on the meta device (no weights; the numbers hold for any weights of that architecture), in bytes.
+
+    Convention (mixed precision, as usually trained): every trained parameter is kept in float32 with a float32
+    gradient and AdamW's two float32 moments (16 bytes); every frozen parameter in bfloat16 (2 bytes), or, with a
+    4-bit backbone, each frozen ``nn.Linear`` weight of the layers in NF4 (``NF4_BYTES_PER_PARAM``, 0.516 bytes; the
+    embeddings, norms and LM head stay bfloat16, as bitsandbytes leaves them). Activations: what one bfloat16 forward
+    stores for backward (``costs.SavedTensorMeter``), with the next-token loss at all ``batch`` x ``seq`` positions;
+    autocast's cast copies, the loss itself and allocator slack are not counted. LoRA: rank ``lora_rank`` on the query
+    and value projections (``readlib.methods.lora``). A 4-bit backbone does not change what is stored for backward:
+    LoRA's backward through the frozen layers keeps their bfloat16 inputs either way, and READ keeps nothing of the
+    backbone (Section 2.1), so only the weights differ.
+    """
+    rows = []
+    for setting, method, four_bit in tqdm(DECODER_SETTINGS, desc="settings", disable=not progress):
+        args = {"rank": lora_rank} if method == "lora" else None
+        with shape_only_forward():
+            model, run, _ = meta_step(method, backbone, batch, seq, method_args=args)
+            model.to(torch.bfloat16)
+            with costs.SavedTensorMeter(model) as meter:
+                run()
+        params = {id(p): p for p in model.parameters()}.values()
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        frozen = {id(p): p.numel() for p in params if not p.requires_grad}
+        head = {id(m.get_output_embeddings().weight) for m in model.modules()
+                if isinstance(m, transformers.PreTrainedModel) and m.get_output_embeddings() is not None}
+        quantized = {id(m.weight) for m in model.modules() if type(m) is nn.Linear and not m.weight.requires_grad
+                     and id(m.weight) not in head} if four_bit else set()
+        weights = 4 * trained + sum(n * (NF4_BYTES_PER_PARAM if i in quantized else 2) for i, n in frozen.items())
+        label = setting.replace("LoRA", f"LoRA (rank {lora_rank})", 1)
+        rows.append({"setting": label, "method": method, "backbone_bits": 4 if four_bit else 16,
+                     "trainable_params": trained, "trainable_percent": 100 * trained / (trained + sum(frozen.values())),
+                     "weights": round(weights), "activations": meter.bytes, "gradients": 4 * trained,
+                     "optimizer": 8 * trained})
+    table = pd.DataFrame(rows)
+    table["total"] = table[["weights", "activations", "gradients", "optimizer"]].sum(axis=1)
+    return table.assign(backbone=backbone, batch=batch, seq=seq, source="computed from shapes (meta device)")

@@ -127,3 +127,34 @@ def test_latency_by_size_times_the_methods_in_turn_on_one_batch(monkeypatch):
     assert all(b["input_ids"] is batches[0]["input_ids"] and b["input_ids"].shape == (1, 8) for b in batches)
     assert list(table.method) == ["full", "lst", "read"] and list(table.backbone) == ["tiny"] * 3
     assert (table.latency_s > 0).all()  # timings of real models: only that they were measured
+
+
+def test_decoder_training_memory_by_hand():
+    """Llama-shaped (tiny: d 64, 2 layers, SwiGLU 128, vocabulary 32000, untied head) on the meta device."""
+    table = scaling.decoder_training_memory("random-llama-tiny", batch=2, seq=16, lora_rank=4, progress=False)
+    rows = table.set_index("setting")
+    assert list(rows.index) == ["full fine-tuning", "LoRA (rank 4)", "LoRA (rank 4), 4-bit backbone (QLoRA-style)",
+                                "READ, bf16 backbone", "READ, 4-bit backbone"]
+    embed = head = 32000 * 64
+    layer_linear = 4 * 64 * 64 + 3 * 64 * 128  # q, k, v, o and gate, up, down
+    norms = 2 * 2 * 64 + 64
+    total = embed + head + 2 * layer_linear + norms
+    lora = 2 * 2 * 4 * (64 + 64)  # q and v of 2 layers: A [4, 64] and B [64, 4]
+    read = 3 * 256 * 64 + 3 * 256 * 256 + 2 * 768 + 64 * 256  # GRU/256 and W_o
+    assert rows["trainable_params"].tolist() == [total, lora, lora, read, read]
+    assert rows.loc["full fine-tuning", "weights"] == 4 * total
+    assert rows.loc["LoRA (rank 4)", "weights"] == 4 * lora + 2 * total
+    nf4 = 2 * layer_linear * scaling.NF4_BYTES_PER_PARAM  # the layers' Linear weights; embeddings, norms, head bf16
+    assert rows.loc["READ, 4-bit backbone", "weights"] == round(4 * read + 2 * (total - 2 * layer_linear) + nf4)
+    assert scaling.NF4_BYTES_PER_PARAM * 8 == pytest.approx(4.127, abs=1e-3)  # QLoRA's 4.127 bits per parameter
+    for part, per_param in (("gradients", 4), ("optimizer", 8)):
+        assert (rows[part] == per_param * rows["trainable_params"]).all()
+    # a 4-bit backbone changes the weights only; READ stores no backbone activation
+    for method in ("LoRA (rank 4)", "READ"):
+        plain, four = (rows.loc[r] for r in rows.index if r.startswith(method))
+        assert plain["activations"] == four["activations"] and four["weights"] < plain["weights"]
+    acts = rows["activations"]
+    # READ, in bfloat16: φ_1..φ_2 of 32 positions [2, 32, 64], GRU states s_0..s_2 [3, 32, 256], h_2 [32, 256]
+    assert acts["READ, bf16 backbone"] == (2 * 32 * 64 + 3 * 32 * 256 + 32 * 256) * 2 == 73_728
+    assert acts["READ, bf16 backbone"] < acts["LoRA (rank 4)"] < acts["full fine-tuning"]
+    assert (table["total"] == table[["weights", "activations", "gradients", "optimizer"]].sum(axis=1)).all()
