@@ -445,3 +445,17 @@ def export_records(storage_url: str | None, path: Path, fmt: str = "csv") -> int
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in found))
     return len(found)
+
+
+def decoder_memory_figure(table: pd.DataFrame) -> Figure:
+    """Training memory per part (GiB) of each setting of ``scaling.decoder_training_memory``, stacked bars."""
+    parts = ["weights", "activations", "gradients", "optimizer"]
+    gib = table.set_index("setting")[parts].apply(lambda column: in_unit(column, "GiB"))
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    gib.iloc[::-1].plot.barh(stacked=True, ax=ax)
+    first = table.iloc[0]
+    ax.set_xlabel(f"training memory of one step (GiB), batch {first['batch']} x {first['seq']} tokens")
+    ax.set_ylabel("")
+    ax.set_title(f"{first['backbone']}: computed from shapes (meta device)")
+    return fig

@@ -328,3 +328,19 @@ def decoder_training_memory(backbone: str = "random-llama-7b", batch: int = 8, s
     table = pd.DataFrame(rows)
     table["total"] = table[["weights", "activations", "gradients", "optimizer"]].sum(axis=1)
     return table.assign(backbone=backbone, batch=batch, seq=seq, source="computed from shapes (meta device)")
+
+
+def decoder_parameters(names: list[str], methods_: tuple[str, ...] = ("full", "lora", "read"), lora_rank: int = 16
+                       ) -> pd.DataFrame:
+    """Trainable and total parameters of ``methods_`` on decoder-only ``random-*`` LMs, built on the meta device (no
+    weights, any size; LoRA at rank ``lora_rank``): one row per (backbone, method)."""
+    rows = []
+    for name in names:
+        for method in methods_:
+            bb = backbones.load(name, meta=True)
+            with torch.device("meta"):
+                model = methods.build(method, bb, 2, {"rank": lora_rank} if method == "lora" else None)
+            trainable, total = methods.count_parameters(model)
+            rows.append({"backbone": name, "method": method, "trainable": trainable, "total": total,
+                         "trainable_percent": 100 * trainable / total})
+    return pd.DataFrame(rows)

@@ -272,3 +272,14 @@ def test_compute_figure_has_log_flops_and_one_line_per_run():
     assert len([line for line in ax.get_lines() if len(line.get_xdata()) > 1]) == 3  # 3 runs
     with pytest.raises(ConfigError, match="no runs of 'sst2'"):
         report.compute_figure(report.compute_curves(COMPUTE_RUNS), "sst2")
+
+
+def test_decoder_memory_figure_stacks_the_four_parts_in_gib():
+    gib = 2**30
+    table = pd.DataFrame({"setting": ["full fine-tuning", "READ, 4-bit backbone"], "weights": [4 * gib, gib],
+                          "activations": [2 * gib, 0], "gradients": [4 * gib, 0], "optimizer": [8 * gib, 0],
+                          "backbone": "random-llama-7b", "batch": 8, "seq": 512})
+    ax = report.decoder_memory_figure(table).axes[0]
+    widths = [[bar.get_width() for bar in container] for container in ax.containers]  # one container per part
+    assert widths == [[1, 4], [0, 2], [0, 4], [0, 8]]  # rows bottom-up: READ then full
+    assert "GiB" in ax.get_xlabel() and "8 x 512" in ax.get_xlabel()

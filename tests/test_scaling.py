@@ -158,3 +158,14 @@ def test_decoder_training_memory_by_hand():
     assert acts["READ, bf16 backbone"] == (2 * 32 * 64 + 3 * 32 * 256 + 32 * 256) * 2 == 73_728
     assert acts["READ, bf16 backbone"] < acts["LoRA (rank 4)"] < acts["full fine-tuning"]
     assert (table["total"] == table[["weights", "activations", "gradients", "optimizer"]].sum(axis=1)).all()
+
+
+def test_decoder_parameters_on_published_shapes():
+    table = scaling.decoder_parameters(["random-gpt2-small", "random-llama-7b"]).set_index(["backbone", "method"])
+    trainable = table["trainable"].to_dict()
+    assert trainable[("random-gpt2-small", "full")] == 124_439_808
+    assert trainable[("random-gpt2-small", "lora")] == 12 * 16 * (768 + 3 * 768)  # rank 16 on the fused c_attn
+    assert trainable[("random-gpt2-small", "read")] == 984_576
+    assert trainable[("random-llama-7b", "lora")] == 32 * 2 * 16 * (4096 + 4096) == 8_388_608  # q_proj, v_proj
+    assert trainable[("random-llama-7b", "read")] == 4_392_448
+    assert table.loc[("random-llama-7b", "read"), "total"] == 6_738_415_616 + 4_392_448

@@ -51,6 +51,7 @@ def inject(model: nn.Module, config: Config) -> nn.Module:
         lora_alpha=config.alpha or config.rank,
         lora_dropout=config.lora_dropout,
         target_modules=TARGETS.get(model.config.model_type, BERT_TARGETS),
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores W as [d_in, d_out]
     )
     return inject_adapter_in_model(lora, model)
 
