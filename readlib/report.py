@@ -337,9 +337,9 @@ def k_ablation_figure(per_k: pd.DataFrame, tasks: list[str]) -> Figure:
 
 def compute_curves(records: list[dict]) -> pd.DataFrame:
     """Validation score against training compute: one row per (run, epoch) with task, method, lr, seed, profile,
-    epoch, ``train_flops`` (cumulative, the record's history) and ``best_so_far`` (the run's best validation score up
-    to that epoch: what early stopping would keep at that budget). Records from before readlib counted training FLOPs
-    (no ``train_flops`` in their history) are left out."""
+    ``n_train`` (training examples), epoch, ``train_flops`` (cumulative, the record's history) and ``best_so_far``
+    (the run's best validation score up to that epoch: what early stopping would keep at that budget). Records from
+    before readlib counted training FLOPs (no ``train_flops`` in their history) are left out."""
     rows = []
     for record in records:
         best = -float("inf")
@@ -348,9 +348,12 @@ def compute_curves(records: list[dict]) -> pd.DataFrame:
                 break
             best = max(best, row["val_score"])
             rows.append({"task": record["task"], "method": record["method"], "lr": record["lr"],
-                         "seed": record["seed"], "profile": record.get("profile"), "epoch": row["epoch"],
+                         "seed": record["seed"], "profile": record.get("profile"),
+                         "n_train": ((record.get("data") or {}).get("sizes_used") or {}).get("train"),
+                         "epoch": row["epoch"],
                          "train_flops": row["train_flops"], "val_score": row["val_score"], "best_so_far": best})
-    columns = ["task", "method", "lr", "seed", "profile", "epoch", "train_flops", "val_score", "best_so_far"]
+    columns = ["task", "method", "lr", "seed", "profile", "n_train", "epoch", "train_flops", "val_score",
+               "best_so_far"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -371,7 +374,8 @@ def best_at_budget(curves: pd.DataFrame, budgets: list[float]) -> pd.DataFrame:
 
 def compute_figure(curves: pd.DataFrame, task: str) -> Figure:
     """Best validation score so far against cumulative training FLOPs (log scale), one line per run, coloured by
-    method: which method is best at each compute budget on ``task``."""
+    method (and dashed by training-set size when the runs differ in it): which method is best at each compute budget
+    on ``task``."""
     data = curves[curves["task"] == task]
     if data.empty:
         raise ConfigError(f"no runs of {task!r} with training FLOPs per epoch (records from before they were counted "
@@ -379,9 +383,11 @@ def compute_figure(curves: pd.DataFrame, task: str) -> Figure:
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
     data = data.assign(run=data["method"] + " lr=" + data["lr"].map("{:.1e}".format) + " seed="
-                       + data["seed"].astype(str))
-    sns.lineplot(data, x="train_flops", y="best_so_far", hue="method", units="run", estimator=None, marker="o",
-                 drawstyle="steps-post", ax=ax)
+                       + data["seed"].astype(str) + " n=" + data["n_train"].map(str),
+                       examples=data["n_train"].map(lambda n: f"{n} examples"))
+    style = "examples" if data["n_train"].nunique() > 1 else None
+    sns.lineplot(data, x="train_flops", y="best_so_far", hue="method", style=style, units="run", estimator=None,
+                 marker="o", drawstyle="steps-post", ax=ax)
     ax.set_xscale("log")
     metric = METRIC_LABEL[get_task(task).metric]
     ax.set(xlabel="cumulative training compute (FLOPs, torch.utils.flop_counter)",

@@ -265,6 +265,15 @@ def test_best_method_at_each_budget():
     assert (table.loc[2e13, "full"], table.loc[2e13, "best"]) == (0.75, "full")  # full overtakes with 4x the compute
 
 
+def test_compute_curves_carry_the_training_set_size():
+    records = [run | {"data": {"sizes_used": {"train": n}}}
+               for run, n in zip(COMPUTE_RUNS[:2], (40, 4000), strict=True)]
+    curves = report.compute_curves(records)
+    assert curves.groupby("method")["n_train"].first().to_dict() == {"full": 4000, "read": 40}
+    ax = report.compute_figure(curves, "mrpc").axes[0]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"40 examples", "4000 examples"}
+
+
 def test_compute_figure_has_log_flops_and_one_line_per_run():
     fig = report.compute_figure(report.compute_curves(COMPUTE_RUNS), "mrpc")
     ax = fig.axes[0]
