@@ -21,7 +21,7 @@ LAYERS = [
     {"methods", "cache"},
     {"params", "checkpoint"},
     {"train"},
-    {"sweep", "scaling", "serve"},
+    {"sweep", "scaling", "serve", "lowdata"},
     {"report", "verdict"},
     {"__main__"},
 ]
