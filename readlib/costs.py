@@ -43,6 +43,7 @@ from torch.utils.flop_counter import (
     sdpa_flop,
 )
 
+from readlib import quantize
 from readlib.paper import V100_P0_KW
 
 BYTE_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "GB": 10**9}  # GB: the papers' tables
@@ -342,7 +343,7 @@ def training_memory(model: nn.Module, optimizer: torch.optim.Optimizer, activati
     tensors plus cached free blocks, what the process holds of the GPU less the CUDA context); on any device the
     accounted breakdown of the selective fine-tuning paper's Table 1 — weights, the activations autograd stored
     for one micro-batch, gradients (one per trained parameter) and optimizer state."""
-    parts = {"weights": parameter_bytes(model), "activations": activation_bytes,
+    parts = {"weights": quantize.weight_bytes(model), "activations": activation_bytes,
              "gradients": parameter_bytes(model, trainable_only=True), "optimizer": optimizer_state_bytes(optimizer)}
     out = {"accounted": parts, "accounted_total": sum(parts.values()), "activations_micro_batch": micro_batch}
     if device.type == "cuda":

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "readlib"
 # lowest first; a module imports only from its own layer or below (its own layer without a cycle)
 LAYERS = [
     {"readlib", "errors", "paths", "paper", "notebook"},
-    {"data", "metrics", "backbones", "costs", "derivation"},
+    {"data", "metrics", "backbones", "costs", "derivation", "quantize"},
     {"methods", "cache"},
     {"params", "checkpoint"},
     {"train"},

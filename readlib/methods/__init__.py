@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from readlib import quantize
 from readlib.backbones import Backbone
 from readlib.errors import ConfigError
 from readlib.methods import adapter, bitfit, full, lora, lst, prompt, read, selective
@@ -132,8 +133,8 @@ def enable_gradient_checkpointing(name: str, model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors are counted once."""
+    """(trainable, total) parameter counts; shared tensors are counted once, a quantized backbone's weights too."""
     seen: dict[int, tuple[int, bool]] = {}
     for p in model.parameters():
         seen[id(p)] = (p.numel(), p.requires_grad)
-    return sum(n for n, g in seen.values() if g), sum(n for n, _ in seen.values())
+    return sum(n for n, g in seen.values() if g), sum(n for n, _ in seen.values()) + quantize.quantized_numel(model)

@@ -26,7 +26,9 @@ class MethodSpec:
     ``features(**batch)`` and ``forward_features(features, **masks)`` (``readlib.cache``). ``not_in_name``:
     config fields that change only memory or time, kept out of sweep study names. ``checkpointing``: the method
     back-propagates through the backbone's own layers, so gradient checkpointing of those layers applies
-    (``readlib.methods.enable_gradient_checkpointing``).
+    (``readlib.methods.enable_gradient_checkpointing``). ``quantizable``: under a head (classification) the loss's
+    gradient never enters the backbone, which runs without autograd and hands over constant states, so its weights
+    may be stored quantized (run parameter ``backbone_quant``, ``readlib.quantize``).
     """
 
     name: str
@@ -37,6 +39,7 @@ class MethodSpec:
     trains_from_cache: bool = False
     not_in_name: tuple[str, ...] = ()
     checkpointing: bool = False
+    quantizable: bool = False
 
     def check(self) -> MethodSpec:
         """TypeError naming what is wrong with the spec itself (a programming error, found at import)."""
@@ -55,6 +58,9 @@ class MethodSpec:
             problems.append(f"formulations must be a non-empty subset of {FORMULATIONS}, got {self.formulations}")
         if self.checkpointing and self.trains_from_cache:  # from the cache, nothing runs through the backbone's layers
             problems.append("a method that trains from the cache cannot checkpoint the backbone's layers")
+        if self.checkpointing and self.quantizable:  # checkpointing needs gradients through the backbone's layers
+            problems.append("a method that checkpoints the backbone's layers back-propagates through them: it cannot "
+                            "be quantizable")
         if problems:
             raise TypeError(f"method '{self.name}': " + "; ".join(problems))
         return self

@@ -432,5 +432,6 @@ def build(backbone, num_labels: int, config: Config) -> nn.Module:
         return LSTEncoder(backbone, num_labels, config)
 
 
-# recompute_attention changes memory and time, not results: sweep studies do not split on it
-SPEC = MethodSpec("lst", Config, DEFAULT_LR, build, not_in_name=("recompute_attention",))
+# recompute_attention changes memory and time, not results: sweep studies do not split on it. Quantizable: on an
+# encoder the backbone runs under no_grad and its states are constants for the side network (LSTEncoder.forward)
+SPEC = MethodSpec("lst", Config, DEFAULT_LR, build, not_in_name=("recompute_attention",), quantizable=True)
