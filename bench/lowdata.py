@@ -7,8 +7,8 @@
 ``readlib.lowdata`` as sweep studies in one storage (MiniLM, default profile: "100 %" is its 4,000-example
 ``max_train`` cap): runs what is not finished (a killed run resumes, a finished one is skipped, so the same command
 completes a study and then only prints), then prints the table (scores in points, epochs and cumulative training
-FLOPs to each run's best validation epoch) and the verdict, and writes the compute figure (every run of the study)
-per task and training-set size (outputs/figures/lowdata_compute_<task>_<examples>.png). ``--shard i/n``: n
+FLOPs to each run's best validation epoch) and the verdict, and writes the compute figure per task (every run of
+the study, dashed by training-set size; outputs/figures/lowdata_compute_<task>.png). ``--shard i/n``: n
 processes with the same command and i = 0..n-1 share the work (each takes every n-th experiment first, then helps
 with the rest). One intra-op thread per process by default: on a shared 2-core machine two OpenMP threads
 spin-waiting on each other made MiniLM training 10x slower.
@@ -67,11 +67,9 @@ def main() -> None:
                               float_format="{:.2f}".format))
     print()
     print(lowdata.verdict(table))
-    for n_train in sorted({spec.overrides["max_train"] for spec in study}):
-        curves = report.compute_curves([r for spec in study if spec.overrides["max_train"] == n_train
-                                        for r in sweep.records(spec, args.storage)])
-        for task in sorted(set(curves["task"])):
-            print(report.save_figure(report.compute_figure(curves, task), f"lowdata_compute_{task}_{n_train}"))
+    curves = report.compute_curves([r for spec in study for r in sweep.records(spec, args.storage)])
+    for task in sorted(set(curves["task"])):
+        print(report.save_figure(report.compute_figure(curves, task), f"lowdata_compute_{task}"))
 
 
 if __name__ == "__main__":

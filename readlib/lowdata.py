@@ -183,8 +183,9 @@ def _percent(fraction: float) -> str:
 def verdict(rows: pd.DataFrame) -> str:
     """The paper's low-data question answered from ``table`` in plain sentences with its numbers: at each fraction and
     task, does READ need more epochs to its best validation epoch than each other method, and are its training FLOPs
-    to that epoch still below theirs (or does needing more epochs erase its cheaper steps)? Then, per fraction, how
-    many comparisons go each way."""
+    to that epoch still below theirs (or does needing more epochs erase its cheaper steps)? Each method's best
+    validation score (points) and seed count are quoted: a run that never improves has its best at epoch 1, cheaply.
+    Then, per fraction, how many comparisons go each way."""
     if rows.empty or "read" not in set(rows["method"]):
         return "No READ result in the table: nothing to compare yet."
     lines = []
@@ -205,13 +206,15 @@ def verdict(rows: pd.DataFrame) -> str:
                 relation = ("more than" if r["epochs_to_best"] > o["epochs_to_best"] else
                             "fewer than" if r["epochs_to_best"] < o["epochs_to_best"] else "as many as")
                 more += relation == "more than"
-                parts.append(f"{relation} {_label(o['method'])} ({o['epochs_to_best']:.3g})")
+                parts.append(f"{relation} {_label(o['method'])} ({o['epochs_to_best']:.3g}; {o['val_mean']:.1f} "
+                             f"points, {len(o['seeds'])} seed(s))")
                 ratio = r["flops_to_best"] / o["flops_to_best"]
                 fewer_flops += ratio < 1
                 costs.append(f"{'below' if ratio < 1 else 'not below'} {_label(o['method'])}'s "
                              f"{o['flops_to_best']:.3g} ({ratio:.2g}x)")
-            lines.append(f"{where}: READ reached its best validation epoch after {r['epochs_to_best']:.3g} epochs "
-                         f"(mean over {len(r['seeds'])} seed(s)), {', '.join(parts)}; its {r['flops_to_best']:.3g} "
+            lines.append(f"{where}: READ reached its best validation epoch ({r['val_mean']:.1f} points) after "
+                         f"{r['epochs_to_best']:.3g} epochs (mean over {len(r['seeds'])} seed(s)), "
+                         f"{', '.join(parts)}; its {r['flops_to_best']:.3g} "
                          f"training FLOPs to that epoch are {', '.join(costs)}.")
         if compared:
             erased = compared - fewer_flops
