@@ -5,8 +5,8 @@ A model folder holds
 - ``trained.safetensors``: every parameter the method trains (the best validation checkpoint), by its name in the
   method's model — all of the model for full fine-tuning, a few megabytes for READ;
 - ``readlib.json``: the method and its hyperparameters, the backbone (name, source, revision, the seed of random
-  weights), the task and its label names, the formulation and text-to-text target format, the maximum length, the
-  seed the model was built with, and the run's result record;
+  weights, its quantization ``backbone_quant``), the task and its label names, the formulation and text-to-text
+  target format, the maximum length, the seed the model was built with, and the run's result record;
 - ``tokenizer/``: the backbone's tokenizer (``save_pretrained``);
 - ``peft/`` (LoRA, and prompt tuning on T5): the same adapter in peft's own format, so
   ``PeftModel.from_pretrained(base_model, "<folder>/peft")`` and ``push_to_hub`` work without readlib.
@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from readlib import backbones, data, methods
+from readlib import backbones, data, methods, quantize
 from readlib.errors import ConfigError
 
 FORMAT = 1  # readlib.json's layout version
@@ -94,6 +94,7 @@ def describe(params, backbone: backbones.Backbone, task: data.TaskSpec) -> dict[
         "formulation": backbone.formulation,
         "target_format": params.target_format if backbone.formulation != "classification" else None,
         "max_length": params.max_length, "micro_batch_size": params.micro_batch_size, "precision": params.precision,
+        "backbone_quant": params.backbone_quant,
     }
 
 
@@ -172,4 +173,5 @@ def load_model(path: str | Path, backbone: backbones.Backbone | None = None) -> 
                           f"{meta['backbone']}: {len(missing)} tensors missing, {len(extra)} unexpected, "
                           f"{len(wrong)} of another shape (first: {(missing + extra + wrong)[0]})")
     model.load_state_dict(weights, strict=False)
+    quantize.quantize(backbone, meta.get("backbone_quant", "none"), torch.device("cpu"))  # as the run did, after build
     return model.eval(), meta

@@ -11,7 +11,7 @@ weights is needed: the backbone's forward pass is all that must work. Modes (run
   quantizes its input activations to 8 bits per batch at run time (one scale per tensor). Every ``nn.Embedding``
   (MiniLM's word embeddings are half its weights) stores uint8 weights with a float32 scale and zero point per row
   (1 byte per weight + 8 bytes per row) and looks rows up as floats. Layer norms stay float32. Kernels: PyTorch's
-  ``x86`` quantized engine (fbgemm, or oneDNN where faster), the default on x86 CPUs.
+  ``x86`` quantized engine, the default on x86 CPUs (``INT8_ENGINE``).
 - ``nf4`` (CUDA + ``pip install 'bitsandbytes>=0.45'``, not a readlib dependency): every ``nn.Linear`` becomes
   bitsandbytes' ``Linear4bit`` with 4-bit NormalFloat weights (0.5 byte each, plus one absmax per 64 weights)
   computed in bfloat16; embeddings and norms stay as loaded. Written to run on a CUDA GPU, but untested: no GPU
@@ -36,7 +36,9 @@ from readlib.backbones import Backbone
 from readlib.errors import ConfigError
 
 MODES = ("none", "int8", "nf4")
-INT8_ENGINE = "x86"  # of torch.backends.quantized.supported_engines: fbgemm's speed, oneDNN where it is faster
+# of torch.backends.quantized.supported_engines; MiniLM forward vs float32 on a 2-core AMD EPYC: x86 0.70x, fbgemm
+# 0.69x (x86 runs fbgemm's kernels there), onednn 0.86x
+INT8_ENGINE = "x86"
 
 
 def check(mode: str, device: str) -> None:
@@ -78,6 +80,8 @@ def quantize(backbone: Backbone, mode: str, device: torch.device) -> Backbone:
 def _int8(model: nn.Module) -> None:
     torch.backends.quantized.engine = INT8_ENGINE
     specs = {nn.Linear: per_channel_dynamic_qconfig, nn.Embedding: float_qparams_weight_only_qconfig}
+    if not any(type(m) in specs for m in model.modules()):  # quantized already (serve: models sharing a backbone)
+        return
     # torch.ao.quantization warns that it is deprecated in favour of torchao, which has no CPU dynamic int8 path
     # for nn.Embedding and needs an extra install; the API works and is tested here, so its notices are hidden
     with warnings.catch_warnings():

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from readlib import backbones, checkpoint, data
+from readlib import backbones, checkpoint, data, quantize
 from readlib.data import Encoded, TaskSpec
 from readlib.errors import ConfigError
 from readlib.train import autocast, greedy_continue, greedy_decode, resolve_device
@@ -66,7 +66,7 @@ class Model:
 def _backbone_key(meta: dict[str, Any]) -> tuple:
     """What makes two folders' frozen backbones the same model."""
     return (meta["backbone"], meta.get("backbone_source"), meta.get("backbone_revision"), meta.get("weights_seed"),
-            meta["formulation"])
+            meta["formulation"], meta.get("backbone_quant", "none"))
 
 
 def load(path: str | Path, device: str = "auto") -> Model:
@@ -83,6 +83,8 @@ def load_many(paths: Sequence[str | Path], device: str = "auto") -> list[Model]:
         raise ConfigError(f"unknown device '{device}'; choose one of: auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{device}' requested but no CUDA GPU is visible; use auto or cpu")
+    for meta in metas:  # an int8 backbone runs on the CPU only
+        quantize.check(meta.get("backbone_quant", "none"), device)
     target = resolve_device(device)
     shared: dict[tuple, backbones.Backbone] = {}
     models = []

@@ -121,7 +121,7 @@ def run_fields() -> list[dataclasses.Field]:
 def test_train_help_has_every_run_parameter_with_its_help_text(wide, nothing_loads, capsys):
     assert main(["train", "--help"]) == 0
     out, err = capsys.readouterr()
-    assert err == "" and len(run_fields()) == 27
+    assert err == "" and len(run_fields()) == 28
     for f in run_fields():
         assert f"--{f.name} " in out and normalised(f.metadata["help"]) in normalised(out), f.name
     assert "--max_epochs INT, --epochs INT" in out

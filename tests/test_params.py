@@ -7,9 +7,9 @@ from readlib import backbones, params
 from readlib.errors import ConfigError
 from readlib.params import RunParams, load_profile, make_params
 
-RUN_FIELDS = ("task, method, backbone, lr, max_epochs, patience, batch_size, micro_batch_size, max_length, "
-              "formulation, target_format, split_recipe, weight_decay, lr_schedule, warmup_steps, precision, "
-              "gradient_checkpointing, seed, split_seed, max_train, max_eval, data_dir, cache, cache_dtype, "
+RUN_FIELDS = ("task, method, backbone, backbone_quant, lr, max_epochs, patience, batch_size, micro_batch_size, "
+              "max_length, formulation, target_format, split_recipe, weight_decay, lr_schedule, warmup_steps, "
+              "precision, gradient_checkpointing, seed, split_seed, max_train, max_eval, data_dir, cache, cache_dtype, "
               "device, energy_interval, profile")
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import readlib.cache
 import readlib.train
-from readlib import backbones, data, methods, quantize
+from readlib import backbones, data, methods, quantize, serve
 from readlib.errors import ConfigError
 from readlib.params import make_params, run_id
 
@@ -140,3 +140,15 @@ def test_backbone_quant_names_the_run_and_the_cache(monkeypatch):
     assert [f["split"] for f in fields] == ["train", "validation", "test"] * 2
     assert [f.get("quant") for f in fields] == [None] * 3 + ["int8"] * 3
     assert {real_key(**f) for f in fields[:3]}.isdisjoint({real_key(**f) for f in fields[3:]})
+
+
+def test_a_saved_int8_model_predicts_its_runs_test_labels_on_an_int8_backbone(tmp_path):
+    params = make_params("quick", task="sst2", backbone="random-bert-tiny", backbone_quant="int8", max_train=32,
+                         max_eval=32, max_epochs=1, batch_size=16, micro_batch_size=16)
+    record = readlib.train.fit(params, progress=False, save_dir=tmp_path)
+    assert record["backbone_quant"] == "int8"
+    assert record["total_params"] > 1_000_000  # the quantized backbone's weights count (random-bert-tiny: 2.0 M)
+    model = serve.load(tmp_path, device="cpu")
+    assert not any(isinstance(m, nn.Linear) for m in model.backbone.model.modules())
+    rows = [dict(row) for row in data.load_task("sst2", max_train=32, max_eval=32)[0]["test"]]
+    assert [a["label"] for a in model.predict(rows)] == record["test_examples"]["predictions"]

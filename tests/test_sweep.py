@@ -32,7 +32,10 @@ def test_study_name_changes_with_what_changes_results_only():
     keys = {item.split("=")[0] for item in base.name.split("|")}
     assert {"task", "method", "backbone", "max_train", "method_args", "profile"} <= keys
     assert not keys & {"lr", "seed", "device", "cache", "energy_interval"}  # searched, varied, or no effect
-    assert keys | {"lr", "seed", "device", "cache", "energy_interval", "method"} >= set(RunParams.__dataclass_fields__)
+    # backbone_quant "none" stays out of names, so studies from before it existed keep theirs; int8 is named
+    assert keys | {"lr", "seed", "device", "cache", "energy_interval", "method", "backbone_quant"} >= set(
+        RunParams.__dataclass_fields__)
+    assert "|backbone_quant=\"int8\"|" in spec(method="read", overrides=TINY | {"backbone_quant": "int8"}).name
 
 
 @pytest.mark.parametrize("changes, error, needle", [
