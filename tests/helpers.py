@@ -148,6 +148,19 @@ def saved(fn, model=None) -> int:
     return meter.bytes
 
 
+def saved_tensors(model, inputs: dict) -> list[tuple[int, bool, tuple[int, ...]]]:
+    """(storage address, inference tensor?, shape) of every tensor autograd saves in one forward of ``model``."""
+    out = []
+
+    def pack(t):
+        out.append((t.untyped_storage().data_ptr(), t.is_inference(), tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return out
+
+
 CPU = torch.device("cpu")
 
 

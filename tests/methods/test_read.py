@@ -9,7 +9,19 @@ import dataclasses
 import datasets
 import pytest
 import torch
-from helpers import CPU, F32, SENTENCES, encode_sentences, grads_set, load_t5, randomize, saved, seq2seq_batch, t5_tiny
+from helpers import (
+    CPU,
+    F32,
+    SENTENCES,
+    encode_sentences,
+    grads_set,
+    load_t5,
+    randomize,
+    saved,
+    saved_tensors,
+    seq2seq_batch,
+    t5_tiny,
+)
 from transformers import T5ForConditionalGeneration
 
 import readlib.cache
@@ -236,14 +248,7 @@ def test_nothing_saved_is_inference_mode_or_backbone_memory_except_the_lm_head()
     bb = load_t5()
     model = methods.build("read", bb, 2)
     backbone_storages = {p.untyped_storage().data_ptr() for p in bb.model.parameters()}
-    saved = []
-
-    def pack(t):
-        saved.append((t.untyped_storage().data_ptr(), t.is_inference(), tuple(t.shape)))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**seq2seq_batch())
+    saved = saved_tensors(model, seq2seq_batch())
     assert len(saved) > 10
     assert not any(inference for _, inference, _ in saved)  # cached states left inference mode
     # Gradient must flow from the logits back through the frozen LM head to φ^D' (it is T5's own

@@ -3,6 +3,7 @@ stored bytes per layer, the cache, trainable parameters on real shapes."""
 
 import pytest
 import torch
+from helpers import saved_tensors
 
 from readlib import backbones, cache, data, methods
 from readlib.costs import SavedTensorMeter
@@ -89,14 +90,7 @@ def test_gradients_reach_exactly_the_read_parameters(name):
 def test_nothing_saved_is_inference_mode_or_backbone_memory_except_the_lm_head(name):
     bb, model = build(name)
     backbone_storages = {p.untyped_storage().data_ptr() for p in bb.model.parameters()}
-    saved = []
-
-    def pack(t):
-        saved.append((t.untyped_storage().data_ptr(), t.is_inference(), tuple(t.shape)))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**batch())
+    saved = saved_tensors(model, batch())
     assert len(saved) >= 4
     assert not any(inference for _, inference, _ in saved)
     # the frozen LM head's weight (transposed view) is the one backbone tensor autograd keeps, by reference:
