@@ -14,8 +14,8 @@ weights is needed: the backbone's forward pass is all that must work. Modes (run
   ``x86`` quantized engine, the default on x86 CPUs (``INT8_ENGINE``).
 - ``nf4`` (CUDA + ``pip install 'bitsandbytes>=0.45'``, not a readlib dependency): every ``nn.Linear`` becomes
   bitsandbytes' ``Linear4bit`` with 4-bit NormalFloat weights (0.5 byte each, plus one absmax per 64 weights)
-  computed in bfloat16; embeddings and norms stay as loaded. Written to run on a CUDA GPU, but untested: no GPU
-  was available where this was developed.
+  computed in bfloat16; embeddings and norms stay as loaded. Written to run on a CUDA GPU, but not yet run on
+  one: the tests cover its guards only.
 
 Written here because no library quantizes a frozen READ backbone end to end: torch.ao quantizes modules, not a
 READ run, and bitsandbytes' transformers integration quantizes while loading from the hub only.
