@@ -71,7 +71,7 @@ def test_help_exits_0_and_names_every_option():
     proc, seconds = cli("train", "--help")
     assert proc.returncode == 0 and proc.stderr == "" and seconds < 20
     fields = [f.name for f in dataclasses.fields(RunParams) if f.name != "method_args"]
-    assert len(fields) == 27 and all(f"--{name} " in proc.stdout for name in fields)
+    assert len(fields) == 28 and all(f"--{name} " in proc.stdout for name in fields)
     assert "subsample the training split" in proc.stdout
 
 
